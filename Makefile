@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine:
+#   make tutorial   venv + install + run every notebook in full mode (the main job)
+#   make test       venv + install + the whole test suite (notebooks in smoke mode)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.knoblib-installed
+# The venv's own kernelspec wins over any user-level one (see DESIGN.md section 6).
+export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
+# Executed notebooks must keep their figures.
+unexport MPLBACKEND
+
+.PHONY: install tutorial test test-fast benchmarks clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The CPU build that lies on this machine; a bare `torch` would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[notebooks,test]"
+	# Kernelspec inside the venv only (--sys-prefix): nothing is registered outside it.
+	$(BIN)/python -m ipykernel install --sys-prefix --name knoblib --display-name "knoblib (.venv)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+tutorial: $(STAMP)
+	$(BIN)/python -m knoblib tutorial
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not notebook and not browser and not slow"
+
+benchmarks: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

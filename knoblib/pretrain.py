@@ -1,0 +1,144 @@
+"""Base training of the tiny MoE VLM with randomly sampled knob configurations.
+
+Each batch runs under one configuration drawn from the knob space (or the full one, a
+fixed fraction of the time), so the model learns to answer with fewer vision tokens,
+fewer experts and fewer blocks: it degrades gracefully instead of collapsing when a
+controller turns a knob down. This is LayerDrop / random-top-k training with the same
+executor that serves the model, so training and serving apply the knobs identically.
+
+Run it with ``python -m knoblib pretrain`` (writes ``data/model``), then compute the
+block ranking with ``python -m knoblib rank-blocks``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import VQASample, load_split, load_tokenizer, split_path
+from .knobs import KnobConfig
+from .vlm import KnobVLM, VLMConfig
+
+
+@dataclass
+class PretrainConfig:
+    """Arguments of ``pretrain``.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: samples per step (all rows share one sampled configuration).
+        lr: peak AdamW learning rate (linear warm-up, cosine decay).
+        warmup_steps: steps of linear warm-up.
+        weight_decay: AdamW weight decay.
+        full_config_fraction: share of steps run at the full configuration; the rest
+            draw uniformly from the knob space.
+        train_size: how many training samples to use (None = the whole split).
+        eval_every: steps between validation accuracy checks (0 = only at the end).
+        eval_size: validation samples per check.
+        seed: seeds the model init, the batch order and the knob draws.
+        vlm: the model sizes.
+    """
+
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    full_config_fraction: float = 0.3
+    train_size: int | None = None
+    eval_every: int = 500
+    eval_size: int = 200
+    seed: int = 0
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+        if not 0.0 <= self.full_config_fraction <= 1.0:
+            raise ValueError(f"full_config_fraction={self.full_config_fraction} is invalid: allowed [0, 1]")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr} is invalid: must be a positive finite number")
+
+
+def render_all(samples: list[VQASample]) -> torch.Tensor:
+    """Render every sample once: uint8 (N, 3, 48, 48). Rendering per step would dominate a CPU step."""
+    return torch.stack([s.image() for s in samples])
+
+
+@torch.no_grad()
+def accuracy(vlm: KnobVLM, samples: list[VQASample], knobs: KnobConfig, batch_size: int = 64, images=None) -> float:
+    """Exact-match accuracy of greedy answers under one configuration."""
+    correct = 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        imgs = [s.image() for s in chunk] if images is None else list(images[start : start + batch_size])
+        out = vlm.generate(imgs, [s.question for s in chunk], knobs)
+        correct += sum(a == s.answer for a, s in zip(out.answers, chunk))
+    return correct / max(1, len(samples))
+
+
+def pretrain(cfg: PretrainConfig, data_dir: Path, log=print, progress: bool = True) -> tuple[KnobVLM, list[dict]]:
+    """Train a fresh ``KnobVLM`` on the train split; return it and the per-step log rows."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
+    train = load_split(split_path(Path(data_dir) / "vqa", "train"))
+    val = load_split(split_path(Path(data_dir) / "vqa", "val"))[: cfg.eval_size]
+    if cfg.train_size is not None:
+        train = train[: cfg.train_size]
+    images = render_all(train)
+    val_images = render_all(val)
+    vlm = KnobVLM.from_config(cfg.vlm, tokenizer, seed=cfg.seed)
+    space = vlm.knob_space
+    configs = list(space)
+    full = space.full()
+    optimizer = torch.optim.AdamW(vlm.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress_frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress_frac))
+
+    order: list[int] = []
+    history: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress)
+    for step in bar:
+        if len(order) < cfg.batch_size:
+            fresh = list(range(len(train)))
+            rng.shuffle(fresh)
+            order += fresh
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        knobs = full if rng.random() < cfg.full_config_fraction else rng.choice(configs)
+        vlm.model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss, stats = vlm.loss(
+            [images[i] for i in idx], [train[i].question for i in idx], [train[i].answer for i in idx], knobs
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
+        optimizer.step()
+        row = {"step": step, "loss": float(loss), **stats, "knobs": knobs.short(), "time_s": time.perf_counter() - start}
+        last_step = step == cfg.steps - 1
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
+            vlm.model.eval()
+            row["val_acc_full"] = accuracy(vlm, val, full, images=val_images)
+            row["val_acc_cheapest"] = accuracy(vlm, val, space.cheapest(), images=val_images)
+            log(
+                f"step {step + 1}: loss {row['loss']:.3f} val acc full {row['val_acc_full']:.3f} "
+                f"cheapest {row['val_acc_cheapest']:.3f} ({row['time_s']:.0f} s)"
+            )
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+    vlm.model.eval()
+    return vlm, history

@@ -1,0 +1,726 @@
+"""The MoE vision-language model and the executor that applies the four knobs for real.
+
+``KnobVLM`` wraps a transformers ``LlavaForConditionalGeneration`` (CLIP vision tower,
+OLMoE text backbone) and runs it with a manual block loop so that every knob changes
+the work done, in prefill and in every cached decode step:
+
+* ``tier`` sets the number of image crops (Molmo-style: a global view plus a grid of
+  tiles), so it changes both the vision tower's batch and the LLM sequence length;
+* ``top_k`` is written to the routers of blocks ``>= insertion_position``
+  (``layer.mlp.gate.top_k`` is read at call time); rows of one batch with different
+  top-k share a top-k_max routing whose weights past each row's k are zeroed;
+* ``num_active_blocks`` skips the least important blocks ``>= insertion_position``
+  (block 0 never); rows that skip a block other rows run keep their residual stream;
+* ``insertion_position`` p is where Mode A pauses: a *probe* token carrying the budget
+  is appended after the last prompt token, its hidden state after block p-1 is the
+  latency token, and the forward continues from the same hidden states and KV cache.
+  The probe is last and attention is causal, so no other position sees it; it is
+  removed from the cache before decoding, so answers do not change.
+
+The loop reproduces ``LlavaForConditionalGeneration.generate`` (greedy) exactly at the
+full configuration; ``tests/test_vlm.py`` checks this and each knob against
+transformers models built to match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    OlmoeConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from .knobs import TIERS, KnobConfig, KnobSpace
+
+KNOBLIB_CONFIG_NAME = "knoblib_vlm.json"
+IMAGE_SIZE = 48
+CROP_SIZE = 16
+# Tiles per side of the grid added to the global crop; Molmo's crop count, scaled down.
+TIER_GRID = {"low": 0, "medium": 2, "high": 3}
+
+
+@dataclass
+class VLMConfig:
+    """Sizes of the tiny MoE VLM trained on this CPU.
+
+    Attributes:
+        hidden_size: text model width (d).
+        num_layers: transformer blocks (L).
+        num_heads: attention heads per block.
+        num_experts: experts per MoE block.
+        default_top_k: experts per token the model is trained with (k0).
+        expert_intermediate_size: hidden width of one expert.
+        vision_hidden_size / vision_layers / vision_heads / vision_intermediate_size: the CLIP tower.
+        patch_size: CLIP patch side in pixels; a 16-px crop gives (16 / patch_size)^2 tokens.
+    """
+
+    hidden_size: int = 128
+    num_layers: int = 8
+    num_heads: int = 4
+    num_experts: int = 8
+    default_top_k: int = 4
+    expert_intermediate_size: int = 128
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate_size: int = 128
+    patch_size: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_experts", "default_top_k", "patch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+        if self.default_top_k > self.num_experts:
+            raise ValueError(
+                f"default_top_k={self.default_top_k} is invalid: at most num_experts={self.num_experts}"
+            )
+        if CROP_SIZE % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} is invalid: must divide the crop size {CROP_SIZE}")
+
+    def to_llava_config(self, tokenizer: PreTrainedTokenizerBase) -> LlavaConfig:
+        """A transformers ``LlavaConfig`` for these sizes and this tokenizer's vocabulary."""
+        vision = CLIPVisionConfig(
+            hidden_size=self.vision_hidden_size,
+            intermediate_size=self.vision_intermediate_size,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.vision_heads,
+            image_size=CROP_SIZE,
+            patch_size=self.patch_size,
+            projection_dim=self.vision_hidden_size,
+        )
+        text = OlmoeConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.expert_intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            num_experts=self.num_experts,
+            num_experts_per_tok=self.default_top_k,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+            router_aux_loss_coef=0.01,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            # The last CLIP layer (not the default -2): a 2-layer tower has no spare layer.
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            image_seq_length=(CROP_SIZE // self.patch_size) ** 2,
+        )
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        return config
+
+
+def tier_num_crops(tier: str) -> int:
+    """Crops the vision tower processes for ``tier``: one global view plus a grid of tiles."""
+    if tier not in TIER_GRID:
+        raise ValueError(f"tier={tier!r} is invalid: allowed {list(TIERS)}")
+    return 1 + TIER_GRID[tier] ** 2
+
+
+def make_crops(image: torch.Tensor, tier: str) -> torch.Tensor:
+    """Cut one image into the crops of a tier, normalised for CLIP.
+
+    Args:
+        image: uint8 tensor (3, 48, 48).
+        tier: ``low`` (global view only), ``medium`` (+ 2x2 tiles of the image at 32 px)
+            or ``high`` (+ 3x3 tiles at full resolution).
+
+    Returns:
+        float tensor (num_crops, 3, 16, 16) in [-1, 1].
+    """
+    check_image(image)
+    grid = TIER_GRID.get(tier)
+    if grid is None:
+        raise ValueError(f"tier={tier!r} is invalid: allowed {list(TIERS)}")
+    pixels = image.float().div(255.0).unsqueeze(0)
+    # Area averaging is what a real image processor's downscale does: details smaller
+    # than the new pixel blend into their neighbours.
+    crops = [F.interpolate(pixels, size=(CROP_SIZE, CROP_SIZE), mode="area")]
+    if grid:
+        side = grid * CROP_SIZE
+        view = pixels if side == IMAGE_SIZE else F.interpolate(pixels, size=(side, side), mode="area")
+        tiles = view.unfold(2, CROP_SIZE, CROP_SIZE).unfold(3, CROP_SIZE, CROP_SIZE)  # (1,3,g,g,16,16)
+        crops.append(tiles.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, CROP_SIZE, CROP_SIZE))
+    return (torch.cat(crops) - 0.5) / 0.5
+
+
+def check_image(image: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``image`` is a uint8 tensor of shape (3, 48, 48)."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
+    if tuple(image.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"image has shape {tuple(image.shape)}: expected (3, {IMAGE_SIZE}, {IMAGE_SIZE}) uint8 RGB")
+    if image.dtype != torch.uint8:
+        raise ValueError(f"image has dtype {image.dtype}: expected torch.uint8 (0..255 RGB)")
+
+
+@dataclass
+class RowPlan:
+    """What each row of a batch executes.
+
+    Attributes:
+        tiers: one tier per row.
+        insertion_positions: (B,) long, p per row.
+        top_k: (B,) long, experts per token for blocks >= p (-1 while undecided).
+        run_block: (B, L) bool, whether row b runs block l.
+    """
+
+    tiers: list[str]
+    insertion_positions: torch.Tensor
+    top_k: torch.Tensor
+    run_block: torch.Tensor
+
+
+@dataclass
+class GenerationOutput:
+    """What ``KnobVLM.generate`` returns.
+
+    Attributes:
+        answers: decoded answer per row (special tokens removed).
+        sequences: (B, T_new) generated token ids (pad after eos).
+        knobs: the configuration each row ran with.
+        latency_tokens: (B, d) probe hidden states after block p-1, or None.
+        num_prompt_tokens: (B,) prompt length per row (image + text tokens, no padding).
+    """
+
+    answers: list[str]
+    sequences: torch.Tensor
+    knobs: list[KnobConfig]
+    latency_tokens: torch.Tensor | None = None
+    num_prompt_tokens: torch.Tensor | None = None
+
+
+Stage2Decider = Callable[[torch.Tensor, torch.Tensor], tuple[Sequence[int], Sequence[int]]]
+"""Called at a pause: (latency_tokens (n, d), row indices (n,)) -> (top_k per row, num_active_blocks per row)."""
+
+
+class KnobVLM(torch.nn.Module):
+    """A ``LlavaForConditionalGeneration`` with an executor for the four knobs.
+
+    Attributes:
+        model: the transformers model (save / load as usual).
+        tokenizer: the word-level tokenizer (``<image>`` is the placeholder token).
+        knob_space: the valid configurations for this model.
+        block_importance: accuracy drop per block when it alone is removed (higher =
+            more important); decides which blocks ``num_active_blocks`` drops.
+    """
+
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerBase,
+        vlm_config: VLMConfig | None = None,
+        block_importance: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        text = model.config.text_config
+        self.vlm_config = vlm_config or VLMConfig(
+            hidden_size=text.hidden_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=text.num_attention_heads,
+            num_experts=text.num_experts,
+            default_top_k=text.num_experts_per_tok,
+            expert_intermediate_size=text.intermediate_size,
+        )
+        self.knob_space = KnobSpace.for_model(text.num_hidden_layers, text.num_experts_per_tok)
+        self.block_importance: list[float] | None = None
+        if block_importance is not None:
+            self.set_block_importance(block_importance)
+        self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.tokens_per_crop = model.config.image_seq_length
+        # Per-token top-k for mixed batches, set around each block call (see _route_mask_hook).
+        self._token_top_k: torch.Tensor | None = None
+        for layer in self.layers:
+            layer.mlp.gate.register_forward_hook(self._route_mask_hook)
+
+    # --- construction, saving, loading --------------------------------------------
+    @classmethod
+    def from_config(cls, vlm_config: VLMConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> "KnobVLM":
+        """A randomly initialised model (seeded) of the given sizes."""
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(vlm_config.to_llava_config(tokenizer))
+        return cls(model.eval(), tokenizer, vlm_config)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the transformers model (safetensors), the tokenizer and the knob metadata."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        meta = {"vlm_config": asdict(self.vlm_config), "block_importance": self.block_importance}
+        tmp = path / (KNOBLIB_CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(path / KNOBLIB_CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "KnobVLM":
+        """Load what ``save_pretrained`` wrote; raise a clear error for a missing or partial folder."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        meta_file = path / KNOBLIB_CONFIG_NAME
+        if not meta_file.is_file():
+            raise FileNotFoundError(
+                f"no KnobVLM at {path}: {KNOBLIB_CONFIG_NAME} is missing "
+                "(train one with `python -m knoblib pretrain` or use data/model)"
+            )
+        try:
+            meta = json.loads(meta_file.read_text())
+            vlm_config = VLMConfig(**meta["vlm_config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{meta_file} is corrupt: {err}") from err
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = LlavaForConditionalGeneration.from_pretrained(path)
+        if model.config.text_config.vocab_size != len(tokenizer):
+            raise ValueError(
+                f"checkpoint at {path} does not match its tokenizer: vocab_size="
+                f"{model.config.text_config.vocab_size} but the tokenizer has {len(tokenizer)} tokens"
+            )
+        return cls(model.eval(), tokenizer, vlm_config, meta.get("block_importance"))
+
+    def set_block_importance(self, importance: Sequence[float]) -> None:
+        importance = [float(x) for x in importance]
+        if len(importance) != self.num_layers:
+            raise ValueError(
+                f"block_importance has {len(importance)} entries: expected one per block ({self.num_layers})"
+            )
+        if any(math.isnan(x) for x in importance):
+            raise ValueError("block_importance contains NaN")
+        self.block_importance = importance
+
+    # --- the pieces ---------------------------------------------------------------
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def default_top_k(self) -> int:
+        return self.model.config.text_config.num_experts_per_tok
+
+    @property
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def dropped_blocks(self, insertion_position: int, num_active_blocks: int) -> list[int]:
+        """Blocks skipped for (p, n): the ``L - n`` least important blocks ``>= max(p, 1)``.
+
+        Without a computed ranking, later blocks count as less important (a common
+        finding for LayerDrop-style skipping; the shipped model has a measured ranking).
+        """
+        num_drop = self.num_layers - num_active_blocks
+        if num_drop <= 0:
+            return []
+        candidates = list(range(max(insertion_position, 1), self.num_layers))
+        if num_drop > len(candidates):
+            raise ValueError(
+                f"num_active_blocks={num_active_blocks} is invalid for insertion_position="
+                f"{insertion_position}: only {len(candidates)} blocks may be dropped"
+            )
+        importance = self.block_importance or [float(self.num_layers - i) for i in range(self.num_layers)]
+        order = sorted(candidates, key=lambda b: (importance[b], -b))
+        return sorted(order[:num_drop])
+
+    def run_mask(self, insertion_position: int, num_active_blocks: int) -> torch.Tensor:
+        """(L,) bool: which blocks run for (p, n)."""
+        mask = torch.ones(self.num_layers, dtype=torch.bool)
+        mask[self.dropped_blocks(insertion_position, num_active_blocks)] = False
+        return mask
+
+    def build_inputs(
+        self,
+        images: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        tiers: Sequence[str],
+        answers: Sequence[str] | None = None,
+    ) -> dict:
+        """Tokenise prompts (``<bos> <image>*n question``) and cut crops, left-padded.
+
+        Returns a dict with ``input_ids`` (B, T), ``attention_mask`` (B, T),
+        ``pixel_values`` (sum of crops, 3, 16, 16) and, with ``answers``,
+        ``labels`` (B, T) holding the answer and ``<eos>`` ids and -100 elsewhere.
+        """
+        if not (len(images) == len(questions) == len(tiers)):
+            raise ValueError(
+                f"batch sizes differ: {len(images)} images, {len(questions)} questions, {len(tiers)} tiers"
+            )
+        if len(images) == 0:
+            raise ValueError("empty batch: give at least one image and question")
+        tok = self.tokenizer
+        rows, label_rows, crops = [], [], []
+        for i, (image, question, tier) in enumerate(zip(images, questions, tiers)):
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"question {i} is empty or not a string: {question!r}")
+            crops.append(make_crops(image, tier))
+            prompt = [tok.bos_token_id] + [self.image_token_id] * (tier_num_crops(tier) * self.tokens_per_crop)
+            prompt += tok(question, add_special_tokens=False)["input_ids"]
+            labels = [-100] * len(prompt)
+            if answers is not None:
+                target = tok(answers[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                prompt, labels = prompt + target, labels + target
+            rows.append(prompt)
+            label_rows.append(labels)
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(rows, label_rows)):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+            labels[i, width - len(ids) :] = torch.tensor(lab)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": torch.cat(crops)}
+        if answers is not None:
+            out["labels"] = labels
+        return out
+
+    def plan(self, knobs: Sequence[KnobConfig]) -> RowPlan:
+        """Validate one configuration per row and turn them into a ``RowPlan``."""
+        for k in knobs:
+            self.knob_space.validate(k)
+        return RowPlan(
+            tiers=[k.tier for k in knobs],
+            insertion_positions=torch.tensor([k.insertion_position for k in knobs]),
+            top_k=torch.tensor([k.top_k for k in knobs]),
+            run_block=torch.stack([self.run_mask(k.insertion_position, k.num_active_blocks) for k in knobs]),
+        )
+
+    # --- the executor -------------------------------------------------------------
+    def _route_mask_hook(self, module, args, output):
+        """Zero routing weights past each token's own top-k (mixed-top-k batches only).
+
+        The router ran with top_k = max over the batch; ``torch.topk`` sorts, so the
+        entries past k are that token's lowest. Renormalise where the model does.
+        """
+        if self._token_top_k is None:
+            return output
+        logits, scores, indices = output
+        keep = torch.arange(scores.shape[-1], device=scores.device)[None, :] < self._token_top_k[:, None]
+        scores = scores * keep
+        if getattr(module, "norm_topk_prob", False):
+            scores = scores / scores.sum(dim=-1, keepdim=True)
+        return logits, scores, indices
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with image features scattered into the ``<image>`` positions: (B, T, d)."""
+        inner = self.model.model
+        embeds = inner.get_input_embeddings()(input_ids)
+        features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        features = torch.cat(features, dim=0).to(embeds.dtype)
+        mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+        return embeds.masked_scatter(mask, features)
+
+    def _run_block(self, idx: int, hidden, plan: RowPlan, decided: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Run block ``idx`` for the rows that execute it, with their top-k."""
+        rows = plan.run_block[:, idx]
+        if not bool(rows.any()):
+            return hidden
+        # Blocks < p keep the default; rows still undecided (Mode A) are before their p.
+        row_k = torch.where(decided & (plan.insertion_positions <= idx), plan.top_k, self.default_top_k)
+        layer = self.layers[idx]
+        gate = layer.mlp.gate
+        k_max = int(row_k.max())
+        gate.top_k = k_max
+        if bool((row_k == k_max).all()):
+            self._token_top_k = None
+        else:
+            self._token_top_k = row_k.repeat_interleave(hidden.shape[1])
+        try:
+            out = layer(
+                hidden,
+                attention_mask=ctx["mask"],
+                position_ids=ctx["position_ids"],
+                cache=ctx["cache"],
+                use_cache=ctx["cache"] is not None,
+                position_embeddings=ctx["position_embeddings"],
+            )
+        finally:
+            self._token_top_k = None
+            gate.top_k = self.default_top_k
+        if bool(rows.all()):
+            return out
+        # Rows that skip this block keep their residual stream unchanged.
+        return torch.where(rows[:, None, None], out, hidden)
+
+    def _context(self, embeds, attention_mask, position_ids, cache) -> dict:
+        lm = self.model.model.language_model
+        mask = create_causal_mask(
+            config=lm.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids
+        )
+        return {
+            "mask": mask,
+            "position_ids": position_ids,
+            "cache": cache,
+            "position_embeddings": lm.rotary_emb(embeds, position_ids),
+        }
+
+    def forward_blocks(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        plan: RowPlan,
+        cache: DynamicCache | None = None,
+        *,
+        decided: torch.Tensor | None = None,
+        probe_index: int | None = None,
+        decide: Stage2Decider | None = None,
+        stop_after: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the block loop over ``embeds`` (B, T, d) and return (hidden (B, T, d), latency tokens).
+
+        With ``probe_index``, the hidden state at that position is read for row b after
+        block ``p_b - 1`` (the latency token, (B, d)). With ``decide``, rows whose
+        Stage-2 knobs are undecided get them from ``decide`` at their pause, and the
+        forward resumes from the same hidden states and cache. ``stop_after`` ends the
+        loop after that many blocks (a partial forward).
+        """
+        ctx = self._context(embeds, attention_mask, position_ids, cache)
+        decided = torch.ones(len(plan.tiers), dtype=torch.bool) if decided is None else decided
+        latency = None
+        if probe_index is not None:
+            latency = embeds.new_zeros(embeds.shape[0], embeds.shape[-1])
+        hidden = embeds
+        for idx in range(self.num_layers):
+            pausing = plan.insertion_positions == idx
+            if probe_index is not None and bool(pausing.any()):
+                latency[pausing] = hidden[pausing, probe_index]
+                undecided = pausing & ~decided
+                if decide is not None and bool(undecided.any()):
+                    rows = undecided.nonzero().squeeze(1)
+                    self._apply_stage2(plan, rows, *decide(latency[rows], rows))
+                    decided = decided | undecided
+            if stop_after is not None and idx >= stop_after:
+                break
+            hidden = self._run_block(idx, hidden, plan, decided, ctx)
+        return hidden, latency
+
+    def _apply_stage2(self, plan: RowPlan, rows: torch.Tensor, top_k, num_active_blocks) -> None:
+        for row, k, n in zip(rows.tolist(), top_k, num_active_blocks):
+            knobs = KnobConfig(plan.tiers[row], int(plan.insertion_positions[row]), int(k), int(n))
+            self.knob_space.validate(knobs)
+            plan.top_k[row] = knobs.top_k
+            plan.run_block[row] = self.run_mask(knobs.insertion_position, knobs.num_active_blocks)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.language_model.norm(hidden))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        knobs: KnobConfig | Sequence[KnobConfig] | None = None,
+        max_new_tokens: int = 4,
+        *,
+        probe_embeddings: torch.Tensor | None = None,
+        decide: Stage2Decider | None = None,
+        stage1: Sequence[tuple[str, int]] | None = None,
+        min_new_tokens: int = 0,
+    ) -> GenerationOutput:
+        """Greedy answers with every knob applied in prefill and in each cached decode step.
+
+        Args:
+            images: B uint8 tensors (3, 48, 48).
+            questions: B question strings.
+            knobs: one ``KnobConfig`` for all rows or one per row (all knobs known before
+                the model runs: serving and Mode B). Defaults to the full configuration.
+            max_new_tokens: most tokens to decode per row.
+            probe_embeddings: (B, d) input embedding of the probe token (Mode A). When
+                given, ``latency_tokens`` are returned.
+            decide: Mode A, resumable: instead of ``knobs``, pass ``stage1`` =
+                [(tier, insertion_position)] per row; at each row's pause ``decide`` maps
+                its latency token to (top_k, num_active_blocks).
+            min_new_tokens: decode at least this many tokens (fixed-length latency profiling).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+        batch = len(images)
+        if decide is not None:
+            if stage1 is None or knobs is not None:
+                raise ValueError("resumable Mode A takes `stage1` [(tier, insertion_position)] and `decide`, not `knobs`")
+            if probe_embeddings is None:
+                raise ValueError("resumable Mode A needs probe_embeddings to read the latency token")
+            if len(stage1) != batch:
+                raise ValueError(f"stage1 has {len(stage1)} rows for a batch of {batch}")
+            full = self.knob_space.full()
+            row_knobs = []
+            for tier, p in stage1:
+                opts = self.knob_space.block_options(p)  # validates p
+                row_knobs.append(KnobConfig(tier, p, full.top_k, opts[-1]))
+            plan = self.plan(row_knobs)
+            decided = torch.zeros(batch, dtype=torch.bool)
+        else:
+            knobs = self.knob_space.full() if knobs is None else knobs
+            row_knobs = [knobs] * batch if isinstance(knobs, KnobConfig) else list(knobs)
+            if len(row_knobs) != batch:
+                raise ValueError(f"got {len(row_knobs)} knob configurations for a batch of {batch}")
+            plan = self.plan(row_knobs)
+            decided = torch.ones(batch, dtype=torch.bool)
+
+        inputs = self.build_inputs(images, questions, plan.tiers)
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        embeds = self.embed(input_ids, inputs["pixel_values"])
+        probe_index = None
+        if probe_embeddings is not None:
+            if tuple(probe_embeddings.shape) != (batch, self.hidden_size):
+                raise ValueError(
+                    f"probe_embeddings has shape {tuple(probe_embeddings.shape)}: expected ({batch}, {self.hidden_size})"
+                )
+            # The probe goes last: causal attention keeps every other position blind to it.
+            embeds = torch.cat([embeds, probe_embeddings[:, None, :].to(embeds.dtype)], dim=1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            probe_index = embeds.shape[1] - 1
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        cache = DynamicCache(config=self.model.config.text_config)
+        hidden, latency = self.forward_blocks(
+            embeds, attention_mask, position_ids, plan, cache, decided=decided, probe_index=probe_index, decide=decide
+        )
+        last = -1
+        if probe_index is not None:
+            # Remove the probe from the cache and the mask: decoding never sees it.
+            cache.crop(-1)
+            attention_mask = attention_mask[:, :-1]
+            position_ids = position_ids[:, :-1]
+            last = -2
+        next_logits = self.logits(hidden[:, last])
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        unfinished = torch.ones(batch, dtype=torch.bool)
+        generated = []
+        next_position = position_ids[:, -1:] + 1
+        for step in range(max_new_tokens):
+            if step < min_new_tokens:
+                next_logits[:, eos] = -torch.inf
+            token = next_logits.argmax(-1)
+            token = torch.where(unfinished, token, torch.full_like(token, pad))
+            generated.append(token)
+            unfinished &= token != eos
+            if step == max_new_tokens - 1 or (not bool(unfinished.any()) and step + 1 >= min_new_tokens):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            step_embeds = self.input_embeddings(token[:, None])
+            hidden, _ = self.forward_blocks(step_embeds, attention_mask, next_position, plan, cache)
+            next_logits = self.logits(hidden[:, -1])
+            next_position = next_position + 1
+        sequences = torch.stack(generated, dim=1)
+        answers = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        final_knobs = [
+            KnobConfig(t, int(p), int(k), int(m))
+            for t, p, k, m in zip(plan.tiers, plan.insertion_positions, plan.top_k, plan.run_block.sum(1))
+        ]
+        return GenerationOutput(
+            answers=[a.strip() for a in answers],
+            sequences=sequences,
+            knobs=final_knobs,
+            latency_tokens=latency,
+            num_prompt_tokens=inputs["attention_mask"].sum(1),
+        )
+
+    @torch.inference_mode()
+    def partial_forward(
+        self,
+        images: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        stage1: Sequence[tuple[str, int]],
+        probe_embeddings: torch.Tensor,
+    ) -> torch.Tensor:
+        """The seed's Mode-A partial forward: vision + blocks [0, p) only; returns latency tokens (B, d)."""
+        full = self.knob_space.full()
+        plan = self.plan([KnobConfig(t, p, full.top_k, self.knob_space.block_options(p)[-1]) for t, p in stage1])
+        inputs = self.build_inputs(images, questions, plan.tiers)
+        if tuple(probe_embeddings.shape) != (len(images), self.hidden_size):
+            raise ValueError(
+                f"probe_embeddings has shape {tuple(probe_embeddings.shape)}: expected ({len(images)}, {self.hidden_size})"
+            )
+        embeds = self.embed(inputs["input_ids"], inputs["pixel_values"])
+        embeds = torch.cat([embeds, probe_embeddings[:, None, :].to(embeds.dtype)], dim=1)
+        attention_mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(len(images), 1)], 1)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        _, latency = self.forward_blocks(
+            embeds,
+            attention_mask,
+            position_ids,
+            plan,
+            None,
+            probe_index=embeds.shape[1] - 1,
+            stop_after=int(plan.insertion_positions.max()),
+        )
+        return latency
+
+    def loss(
+        self,
+        images: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        answers: Sequence[str],
+        knobs: KnobConfig | Sequence[KnobConfig],
+        aux_loss_weight: float = 0.01,
+    ) -> tuple[torch.Tensor, dict]:
+        """Teacher-forced cross-entropy on the answer tokens, with the knobs applied.
+
+        Returns (loss, stats) where stats has ``ce`` and ``aux`` (the MoE load-balancing loss).
+        """
+        row_knobs = [knobs] * len(images) if isinstance(knobs, KnobConfig) else list(knobs)
+        plan = self.plan(row_knobs)
+        inputs = self.build_inputs(images, questions, plan.tiers, answers)
+        embeds = self.embed(inputs["input_ids"], inputs["pixel_values"])
+        mask = inputs["attention_mask"]
+        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        router_logits = []
+        hooks = [
+            layer.mlp.gate.register_forward_hook(lambda m, a, out: router_logits.append(out[0]))
+            for layer in self.layers
+        ]
+        try:
+            hidden, _ = self.forward_blocks(embeds, mask, position_ids, plan)
+        finally:
+            for h in hooks:
+                h.remove()
+        logits = self.logits(hidden[:, :-1])
+        labels = inputs["labels"][:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        aux = _load_balancing(router_logits, self.model.config.text_config.num_experts, self.default_top_k)
+        return ce + aux_loss_weight * aux, {"ce": float(ce.detach()), "aux": float(aux.detach())}
+
+
+def _load_balancing(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-style balancing loss over all routed tokens (keeps experts in use so top-k has a choice)."""
+    from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+    if not router_logits:
+        return torch.zeros(())
+    return load_balancing_loss_func(tuple(router_logits), num_experts, top_k)
