@@ -411,6 +411,8 @@ class KnobVLM(torch.nn.Module):
 
     def plan(self, knobs: Sequence[KnobConfig]) -> RowPlan:
         """Validate one configuration per row and turn them into a ``RowPlan``."""
+        if len(knobs) == 0:
+            raise ValueError("empty batch: give at least one image and question")
         for k in knobs:
             self.knob_space.validate(k)
         return RowPlan(
@@ -477,10 +479,19 @@ class KnobVLM(torch.nn.Module):
         # Rows that skip this block keep their residual stream unchanged.
         return torch.where(rows[:, None, None], out, hidden)
 
-    def _context(self, embeds, attention_mask, position_ids, cache) -> dict:
+    def _context(self, embeds, attention_mask, position_ids, cache, plan: RowPlan) -> dict:
         lm = self.model.model.language_model
+        # The mask's key length comes from one cache layer; by default layer 0. Use the
+        # first block any row runs, so a skipped block 0 (block ranking) cannot
+        # silently shorten it (DESIGN.md section 5).
+        first_run = int(plan.run_block.any(0).nonzero()[0]) if bool(plan.run_block.any()) else 0
         mask = create_causal_mask(
-            config=lm.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache, position_ids=position_ids
+            config=lm.config,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=first_run,
         )
         return {
             "mask": mask,
@@ -510,7 +521,7 @@ class KnobVLM(torch.nn.Module):
         forward resumes from the same hidden states and cache. ``stop_after`` ends the
         loop after that many blocks (a partial forward).
         """
-        ctx = self._context(embeds, attention_mask, position_ids, cache)
+        ctx = self._context(embeds, attention_mask, position_ids, cache, plan)
         decided = torch.ones(len(plan.tiers), dtype=torch.bool) if decided is None else decided
         latency = None
         if probe_index is not None:
@@ -531,6 +542,11 @@ class KnobVLM(torch.nn.Module):
         return hidden, latency
 
     def _apply_stage2(self, plan: RowPlan, rows: torch.Tensor, top_k, num_active_blocks) -> None:
+        if not len(top_k) == len(num_active_blocks) == len(rows):
+            raise ValueError(
+                f"decide returned {len(top_k)} top_k and {len(num_active_blocks)} num_active_blocks "
+                f"values for {len(rows)} rows: expected one of each per row"
+            )
         for row, k, n in zip(rows.tolist(), top_k, num_active_blocks):
             knobs = KnobConfig(plan.tiers[row], int(plan.insertion_positions[row]), int(k), int(n))
             self.knob_space.validate(knobs)
@@ -552,6 +568,7 @@ class KnobVLM(torch.nn.Module):
         decide: Stage2Decider | None = None,
         stage1: Sequence[tuple[str, int]] | None = None,
         min_new_tokens: int = 0,
+        skip_blocks: Sequence[int] | None = None,
     ) -> GenerationOutput:
         """Greedy answers with every knob applied in prefill and in each cached decode step.
 
@@ -567,10 +584,14 @@ class KnobVLM(torch.nn.Module):
                 [(tier, insertion_position)] per row; at each row's pause ``decide`` maps
                 its latency token to (top_k, num_active_blocks).
             min_new_tokens: decode at least this many tokens (fixed-length latency profiling).
+            skip_blocks: analysis only (the block ranking): skip exactly these blocks in
+                every row, overriding ``num_active_blocks``.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
         batch = len(images)
+        if stage1 is not None and decide is None:
+            raise ValueError("`stage1` is only used by resumable Mode A: pass `decide` with it, or `knobs` alone")
         if decide is not None:
             if stage1 is None or knobs is not None:
                 raise ValueError("resumable Mode A takes `stage1` [(tier, insertion_position)] and `decide`, not `knobs`")
@@ -592,6 +613,11 @@ class KnobVLM(torch.nn.Module):
                 raise ValueError(f"got {len(row_knobs)} knob configurations for a batch of {batch}")
             plan = self.plan(row_knobs)
             decided = torch.ones(batch, dtype=torch.bool)
+            if skip_blocks is not None:
+                bad = [b for b in skip_blocks if not (isinstance(b, int) and 0 <= b < self.num_layers)]
+                if bad:
+                    raise ValueError(f"skip_blocks={list(skip_blocks)} is invalid: blocks are 0..{self.num_layers - 1}")
+                plan.run_block[:, list(skip_blocks)] = False
 
         inputs = self.build_inputs(images, questions, plan.tiers)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -695,6 +721,8 @@ class KnobVLM(torch.nn.Module):
         Returns (loss, stats) where stats has ``ce`` and ``aux`` (the MoE load-balancing loss).
         """
         row_knobs = [knobs] * len(images) if isinstance(knobs, KnobConfig) else list(knobs)
+        if len(answers) != len(images):
+            raise ValueError(f"got {len(answers)} answers for a batch of {len(images)}")
         plan = self.plan(row_knobs)
         inputs = self.build_inputs(images, questions, plan.tiers, answers)
         embeds = self.embed(inputs["input_ids"], inputs["pixel_values"])

@@ -1,0 +1,206 @@
+"""Command line: ``python -m knoblib <command>`` (also installed as ``knoblib``).
+
+The shipped artifacts in ``data/`` are made, in order, by::
+
+    python -m knoblib data               # synthetic VQA splits + tokenizer
+    python -m knoblib pretrain           # the tiny MoE VLM        -> data/model
+    python -m knoblib rank-blocks        # block importance        -> data/model
+    python -m knoblib profile-latency    # latency of every config -> data/latency_table.json
+    python -m knoblib config-accuracy    # val accuracy per config -> data/config_accuracy_val.json
+    python -m knoblib knob-table         # README's knob table     -> data/knob_table.json
+    python -m knoblib train --mode B     # GRPO controller         -> data/controller_B
+    python -m knoblib train --mode A-resumable                     -> data/controller_A
+    python -m knoblib evaluate           # budget sweep            -> data/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .data import data_path
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(data_path("model")), help="KnobVLM folder (default: data/model)")
+
+
+def cmd_data(args) -> None:
+    from .data import main as data_main
+
+    data_main(["--out", str(data_path("vqa")), "--tokenizer-out", str(data_path("tokenizer"))])
+
+
+def cmd_pretrain(args) -> None:
+    from .pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every)
+    vlm, history = pretrain(cfg, data_path())
+    vlm.save_pretrained(args.out)
+    (Path(args.out) / "pretrain_log.json").write_text(json.dumps(history))
+    print(f"saved the VLM to {args.out}")
+
+
+def cmd_rank_blocks(args) -> None:
+    from .data import load_split, split_path
+    from .importance import block_importance
+    from .vlm import KnobVLM
+
+    vlm = KnobVLM.from_pretrained(args.model)
+    samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+    result = block_importance(vlm, samples)
+    vlm.set_block_importance(result["importance"])
+    vlm.save_pretrained(args.model)
+    out = Path(args.model) / "block_importance.json"
+    out.write_text(json.dumps({"split": args.split, "n": len(samples), **result}, indent=1))
+    print(f"full accuracy {result['full_accuracy']:.3f}")
+    for b, s in enumerate(result["importance"]):
+        print(f"block {b}: accuracy drop {100 * s:+.1f} points")
+    print(f"drop order (least important first): {result['drop_order']}; saved to {out}")
+
+
+def cmd_profile_latency(args) -> None:
+    from .latency import profile_command
+
+    profile_command(args.model, args.out, args.answer_tokens, args.repeats, args.warmup, args.num_samples)
+
+
+def cmd_config_accuracy(args) -> None:
+    from .data import load_split, split_path
+    from .evaluate import config_accuracy, save_config_accuracy
+    from .vlm import KnobVLM
+
+    vlm = KnobVLM.from_pretrained(args.model)
+    samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+    result = config_accuracy(vlm, samples, list(vlm.knob_space))
+    save_config_accuracy(result, args.out, args.split)
+    best = max(result, key=lambda k: result[k]["all"])
+    print(f"{len(result)} configurations on {len(samples)} {args.split} samples; best {best.short()} "
+          f"{result[best]['all']:.3f}; saved to {args.out}")
+
+
+def cmd_knob_table(args) -> None:
+    from .data import FAMILIES, load_split, split_path
+    from .evaluate import config_accuracy, knob_table_configs
+    from .latency import profile_latency
+    from .vlm import KnobVLM
+
+    vlm = KnobVLM.from_pretrained(args.model)
+    samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+    named = knob_table_configs(vlm.knob_space)
+    configs = [k for _, k in named]
+    acc = config_accuracy(vlm, samples, configs)
+    lat = profile_latency(vlm, samples[:8], answer_tokens=args.answer_tokens, repeats=args.repeats, configs=configs)
+    full_ms = lat.latency(configs[0])
+    rows = []
+    for name, k in named:
+        rows.append({"name": name, "knobs": k.short(), **acc[k], "latency_ms": lat.latency(k),
+                     "latency_vs_full": lat.latency(k) / full_ms})
+    header = "| configuration | knobs | all | " + " | ".join(FAMILIES) + " | latency ms | vs full |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in rows:
+        fam = " | ".join(f"{100 * r[f]:.1f}" for f in FAMILIES)
+        print(f"| {r['name']} | {r['knobs']} | {100 * r['all']:.1f} | {fam} | {r['latency_ms']:.1f} | {r['latency_vs_full']:.2f} |")
+    Path(args.out).write_text(json.dumps({"split": args.split, "n": len(samples), "machine": lat.machine, "rows": rows}, indent=1))
+    print(f"saved to {args.out}")
+
+
+def cmd_train(args) -> None:
+    from .training import train_controller_command
+
+    train_controller_command(args)
+
+
+def cmd_evaluate(args) -> None:
+    from .training import evaluate_command
+
+    evaluate_command(args)
+
+
+def cmd_tutorial(args) -> None:
+    from .tutorial import run_tutorial
+
+    run_tutorial(smoke=args.smoke)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="knoblib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("data", help="generate the synthetic VQA splits and the tokenizer").set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("pretrain", help="train the tiny MoE VLM with random knobs")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--out", default=str(data_path("model")))
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("rank-blocks", help="block importance: accuracy drop per removed block")
+    _add_model(p)
+    p.add_argument("--split", default="val")
+    p.add_argument("--n", type=int, default=1000)
+    p.set_defaults(fn=cmd_rank_blocks)
+
+    p = sub.add_parser("profile-latency", help="measure every configuration on this machine")
+    _add_model(p)
+    p.add_argument("--out", default=str(data_path("latency_table.json")))
+    p.add_argument("--answer-tokens", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--num-samples", type=int, default=8)
+    p.set_defaults(fn=cmd_profile_latency)
+
+    p = sub.add_parser("config-accuracy", help="accuracy of every configuration (for the lookup table)")
+    _add_model(p)
+    p.add_argument("--split", default="val")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--out", default=str(data_path("config_accuracy_val.json")))
+    p.set_defaults(fn=cmd_config_accuracy)
+
+    p = sub.add_parser("knob-table", help="accuracy per family and latency, each knob moved alone")
+    _add_model(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--answer-tokens", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", default=str(data_path("knob_table.json")))
+    p.set_defaults(fn=cmd_knob_table)
+
+    p = sub.add_parser("train", help="joint GRPO training of the controller")
+    _add_model(p)
+    p.add_argument("--mode", default="B", choices=["A-naive", "A-resumable", "B"])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", default=None, help="run folder (default: runs/<mode>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export", default=None, help="copy the best controller here when done")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("evaluate", help="budget sweep on the test split against the baselines")
+    _add_model(p)
+    p.add_argument("--controllers", nargs="*", default=[str(data_path("controller_A")), str(data_path("controller_B"))])
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--budgets", type=int, default=8)
+    p.add_argument("--out", default=str(data_path("eval")))
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("tutorial", help="execute every notebook (full mode) and print where the results are")
+    p.add_argument("--smoke", action="store_true")
+    p.set_defaults(fn=cmd_tutorial)
+
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    args.fn(args)
+    print(f"[{args.command} took {time.perf_counter() - start:.0f} s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,760 @@
+"""The two-stage knob controller: Stage 1 picks (tier, p), Stage 2 picks (top_k, num_active_blocks).
+
+* ``Knob1PredictorBudgetLanguage`` (Stage 1): ``lang_feat`` + ``budget_feat`` -> logits
+  over tiers and insertion positions p = 1..P.
+* ``Knob2Knob3Predictor`` (Stage 2), two input modes (the seed's names):
+
+  - Mode B, ``use_optimized_mode=True``: ``lang_feat`` + ``budget_feat`` + an embedding of
+    p. Every knob is known before the VLM runs, so a whole GRPO group runs as one batch.
+  - Mode A, ``use_optimized_mode=False``: the *latency token* (the probe token's hidden
+    state after block p-1, read from the frozen VLM) + the embedding of p.
+
+  Its heads give logits over ``top_k_options`` and over ``all_block_options``; totals
+  that p does not allow are masked to -inf, so they are never sampled nor chosen greedily.
+* ``TwoStageController``: a transformers ``PreTrainedModel`` holding the budget encoder,
+  the Mode-A budget probe and both stages; it samples, scores (log-probabilities and
+  entropies for GRPO) and saves / loads with ``save_pretrained`` / ``from_pretrained``.
+
+Decisions are carried as INDICES into the knob space's option lists (``Decisions``);
+``Decisions.to_knobs`` turns them into ``KnobConfig`` values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.distributions import Categorical
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+
+from .features import BudgetProbe, LatencyBudgetEncoder
+from .knobs import KnobConfig, KnobSpace
+
+KNOB_NAMES: tuple[str, ...] = ("tier", "insertion_position", "top_k", "num_active_blocks")
+
+
+def _check_features(name: str, x: torch.Tensor | None, dim: int, rows: int | None = None) -> torch.Tensor:
+    """Raise ValueError unless ``x`` is a float tensor (rows, dim); return it usable by autograd."""
+    expected = f"({'N' if rows is None else rows}, {dim})"
+    if x is None:
+        raise ValueError(f"{name} is missing: expected a tensor {expected}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor {expected}, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != dim or (rows is not None and x.shape[0] != rows):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}: expected {expected}")
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        # Tensors made under torch.inference_mode (e.g. KnobVLM.generate's latency tokens)
+        # cannot be saved for backward; a clone made outside inference mode can.
+        x = x.clone()
+    return x
+
+
+class PolicyHead(nn.Linear):
+    """A linear layer that outputs logits; ``TwoStageController`` initialises it near zero."""
+
+
+class Knob1PredictorBudgetLanguage(nn.Module):
+    """Stage 1: (tier, insertion position) logits from the question and the budget.
+
+    Args:
+        lang_dim: width of ``lang_feat`` (the VLM's d_model).
+        budget_dim: width of ``budget_feat``.
+        hidden_dim: width of the MLP trunk.
+        num_tiers: number of vision tiers.
+        num_insertion_positions: P, the number of insertion positions (p = 1..P).
+    """
+
+    def __init__(
+        self, lang_dim: int, budget_dim: int, hidden_dim: int, num_tiers: int, num_insertion_positions: int
+    ) -> None:
+        super().__init__()
+        self.lang_dim, self.budget_dim = lang_dim, budget_dim
+        # The embedding table's scale depends on the VLM; normalising makes Stage 1 indifferent to it.
+        self.lang_norm = nn.LayerNorm(lang_dim)
+        self.trunk = nn.Sequential(
+            nn.Linear(lang_dim + budget_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+        )
+        self.tier_head = PolicyHead(hidden_dim, num_tiers)
+        self.insertion_head = PolicyHead(hidden_dim, num_insertion_positions)
+
+    def forward(self, lang_feat: torch.Tensor, budget_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lang_feat (N, lang_dim), budget_feat (N, budget_dim)) -> (tier logits (N, T), position logits (N, P))."""
+        lang_feat = _check_features("lang_feat", lang_feat, self.lang_dim)
+        budget_feat = _check_features("budget_feat", budget_feat, self.budget_dim, lang_feat.shape[0])
+        dtype = self.tier_head.weight.dtype
+        hidden = self.trunk(torch.cat([self.lang_norm(lang_feat.to(dtype)), budget_feat.to(dtype)], dim=-1))
+        return self.tier_head(hidden), self.insertion_head(hidden)
+
+
+class Knob2Knob3Predictor(nn.Module):
+    """Stage 2: (top_k, num_active_blocks) logits for rows whose insertion position p is known.
+
+    Args:
+        use_optimized_mode: True for Mode B (``lang_feat`` + ``budget_feat`` + embedding(p)),
+            False for Mode A (the latency token + embedding(p)).
+        lang_dim, budget_dim: widths of ``lang_feat`` and ``budget_feat`` (Mode B).
+        latency_dim: width of the latency token, the VLM's hidden size (Mode A).
+        hidden_dim: width of the projections and the fusion MLP.
+        max_insertion_position: P.
+        top_k_options: the top_k values, one logit each.
+        block_options: p -> the ``num_active_blocks`` totals allowed for p, for p = 1..P.
+    """
+
+    def __init__(
+        self,
+        use_optimized_mode: bool = True,
+        *,
+        lang_dim: int,
+        budget_dim: int,
+        latency_dim: int,
+        hidden_dim: int,
+        max_insertion_position: int,
+        top_k_options: Sequence[int],
+        block_options: dict[int, Sequence[int]],
+    ) -> None:
+        super().__init__()
+        if sorted(block_options) != list(range(1, max_insertion_position + 1)):
+            raise ValueError(
+                f"block_options has keys {sorted(block_options)}: expected p = 1..{max_insertion_position}"
+            )
+        self.use_optimized_mode = bool(use_optimized_mode)
+        self.lang_dim, self.budget_dim, self.latency_dim = lang_dim, budget_dim, latency_dim
+        self.max_insertion_position = max_insertion_position
+        self.top_k_options = tuple(int(k) for k in top_k_options)
+        self.block_options = {int(p): tuple(int(n) for n in opts) for p, opts in block_options.items()}
+        self.all_block_options = tuple(sorted({n for opts in self.block_options.values() for n in opts}))
+        # Row p-1: which of all_block_options p allows.
+        self._mask_table = [
+            [n in self.block_options[p] for n in self.all_block_options] for p in range(1, max_insertion_position + 1)
+        ]
+
+        self.insertion_embedding = nn.Embedding(max_insertion_position, hidden_dim)
+        if self.use_optimized_mode:
+            self.lang_proj = nn.Sequential(nn.LayerNorm(lang_dim), nn.Linear(lang_dim, hidden_dim))
+            self.budget_proj = nn.Linear(budget_dim, hidden_dim)
+            fused_inputs = 3
+        else:
+            # The residual stream's scale grows with depth, so the token is normalised first.
+            self.latency_norm = nn.LayerNorm(latency_dim)
+            self.latency_token_proj = nn.Linear(latency_dim, hidden_dim)
+            fused_inputs = 2
+        self.fusion = nn.Sequential(
+            nn.GELU(),
+            nn.Linear(fused_inputs * hidden_dim, hidden_dim),
+            nn.GELU(),
+        )
+        self.top_k_head = PolicyHead(hidden_dim, len(self.top_k_options))
+        self.block_head = PolicyHead(hidden_dim, len(self.all_block_options))
+
+    @property
+    def mode(self) -> str:
+        return "B" if self.use_optimized_mode else "A"
+
+    def get_knob3_options(self, insertion_position: int) -> tuple[int, ...]:
+        """The ``num_active_blocks`` totals allowed for insertion position p (1-based)."""
+        if insertion_position not in self.block_options:
+            raise ValueError(
+                f"insertion_position={insertion_position!r} is invalid: allowed 1..{self.max_insertion_position}"
+            )
+        return self.block_options[insertion_position]
+
+    def _check_positions(self, insertion_positions: torch.Tensor) -> torch.Tensor:
+        p = torch.as_tensor(insertion_positions)
+        if p.dim() != 1 or p.dtype.is_floating_point or p.dtype == torch.bool:
+            raise ValueError(
+                f"insertion_position must be a 1-D integer tensor (N,) of p values, got "
+                f"shape {tuple(p.shape)} dtype {p.dtype}"
+            )
+        bad = (p < 1) | (p > self.max_insertion_position)
+        if bool(bad.any()):
+            raise ValueError(
+                f"insertion_position has values {p[bad].tolist()[:5]}: allowed 1..{self.max_insertion_position}"
+            )
+        return p.long()
+
+    def knob3_mask(self, insertion_positions: torch.Tensor) -> torch.Tensor:
+        """(N,) p values (1-based) -> bool (N, len(all_block_options)), True where the total is allowed."""
+        p = self._check_positions(insertion_positions)
+        table = torch.tensor(self._mask_table, dtype=torch.bool, device=p.device)
+        return table[p - 1]
+
+    def forward(
+        self,
+        insertion_position: torch.Tensor,
+        lang_feat: torch.Tensor | None = None,
+        budget_feat: torch.Tensor | None = None,
+        latency_token: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (top_k logits (N, K), block logits (N, NB) with disallowed totals at -inf).
+
+        Args:
+            insertion_position: (N,) p values, 1-based.
+            lang_feat: (N, lang_dim), Mode B only.
+            budget_feat: (N, budget_dim), Mode B only.
+            latency_token: (N, latency_dim), Mode A only.
+        """
+        p = self._check_positions(insertion_position)
+        n = p.shape[0]
+        dtype = self.top_k_head.weight.dtype
+        p = p.to(self.top_k_head.weight.device)
+        if self.use_optimized_mode:
+            if latency_token is not None:
+                raise ValueError(
+                    "Mode B (use_optimized_mode=True) does not use latency_token: pass lang_feat and budget_feat"
+                )
+            if lang_feat is None or budget_feat is None:
+                missing = [name for name, x in (("lang_feat", lang_feat), ("budget_feat", budget_feat)) if x is None]
+                raise ValueError(f"Mode B (use_optimized_mode=True) needs lang_feat and budget_feat: missing {missing}")
+            lang_feat = _check_features("lang_feat", lang_feat, self.lang_dim, n)
+            budget_feat = _check_features("budget_feat", budget_feat, self.budget_dim, n)
+            parts = [
+                self.lang_proj(lang_feat.to(dtype)),
+                self.budget_proj(budget_feat.to(dtype)),
+                self.insertion_embedding(p - 1),
+            ]
+        else:
+            if lang_feat is not None or budget_feat is not None:
+                raise ValueError(
+                    "Mode A (use_optimized_mode=False) uses only latency_token (+ the p embedding): "
+                    "do not pass lang_feat / budget_feat"
+                )
+            if latency_token is None:
+                raise ValueError(
+                    f"Mode A (use_optimized_mode=False) needs latency_token ({n}, {self.latency_dim}): "
+                    "the probe's hidden state after block p-1"
+                )
+            latency_token = _check_features("latency_token", latency_token, self.latency_dim, n)
+            parts = [
+                self.latency_token_proj(self.latency_norm(latency_token.to(dtype))),
+                self.insertion_embedding(p - 1),
+            ]
+        hidden = self.fusion(torch.cat(parts, dim=-1))
+        block_logits = self.block_head(hidden).masked_fill(~self.knob3_mask(p), float("-inf"))
+        return self.top_k_head(hidden), block_logits
+
+
+# --------------------------------------------------------------------------
+# Decisions: four index tensors
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Decisions:
+    """The four choices for N rows, as indices into the knob space's option lists.
+
+    Attributes:
+        tier: (N,) index into ``space.tiers``.
+        insertion_position: (N,) index into ``space.insertion_positions``, i.e. p - 1.
+        top_k: (N,) index into ``space.top_k_options``.
+        num_active_blocks: (N,) index into ``space.all_block_options``.
+    """
+
+    tier: torch.Tensor
+    insertion_position: torch.Tensor
+    top_k: torch.Tensor
+    num_active_blocks: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = None
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.dtype != torch.long:
+                if isinstance(value, torch.Tensor):
+                    got = f"shape {tuple(value.shape)} dtype {value.dtype}"
+                else:
+                    got = type(value).__name__
+                raise ValueError(f"Decisions.{f.name} must be a 1-D LongTensor (N,), got {got}")
+            if n is not None and value.shape[0] != n:
+                raise ValueError(f"Decisions.{f.name} has {value.shape[0]} rows: expected {n} like tier")
+            n = value.shape[0]
+
+    def __len__(self) -> int:
+        return self.tier.shape[0]
+
+    def index(self, rows) -> "Decisions":
+        """The decisions of the given rows (an index, slice, list or bool mask)."""
+        return Decisions(*(getattr(self, f.name)[rows].reshape(-1) for f in fields(self)))
+
+    def to(self, device: torch.device | str) -> "Decisions":
+        return Decisions(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def check(self, space: KnobSpace) -> None:
+        """Raise ValueError if an index is out of range or a total is not allowed for its p."""
+        sizes = {
+            "tier": len(space.tiers),
+            "insertion_position": len(space.insertion_positions),
+            "top_k": len(space.top_k_options),
+            "num_active_blocks": len(space.all_block_options),
+        }
+        for name, size in sizes.items():
+            value = getattr(self, name)
+            bad = (value < 0) | (value >= size)
+            if bool(bad.any()):
+                raise ValueError(f"Decisions.{name} has indices {value[bad].tolist()[:5]}: allowed 0..{size - 1}")
+        for row, (pos, blocks) in enumerate(zip(self.insertion_position.tolist(), self.num_active_blocks.tolist())):
+            p, total = space.insertion_positions[pos], space.all_block_options[blocks]
+            if total not in space.block_options(p):
+                raise ValueError(
+                    f"row {row}: num_active_blocks={total} is not allowed for insertion_position={p}: "
+                    f"allowed {list(space.block_options(p))}"
+                )
+
+    def to_knobs(self, space: KnobSpace) -> list[KnobConfig]:
+        """One validated ``KnobConfig`` per row."""
+        self.check(space)
+        return [
+            space.validate(
+                KnobConfig(
+                    space.tiers[t], space.insertion_positions[p], space.top_k_options[k], space.all_block_options[b]
+                )
+            )
+            for t, p, k, b in zip(*(getattr(self, name).tolist() for name in KNOB_NAMES))
+        ]
+
+    @classmethod
+    def from_knobs(cls, knobs: Sequence[KnobConfig], space: KnobSpace) -> "Decisions":
+        """Indices of validated ``KnobConfig`` values (raises ValueError for an invalid one)."""
+        rows = [space.validate(k) for k in knobs]
+        if not rows:
+            raise ValueError("knobs is empty: give at least one KnobConfig")
+        return cls(
+            torch.tensor([space.tiers.index(k.tier) for k in rows]),
+            torch.tensor([space.insertion_positions.index(k.insertion_position) for k in rows]),
+            torch.tensor([space.top_k_options.index(k.top_k) for k in rows]),
+            torch.tensor([space.all_block_options.index(k.num_active_blocks) for k in rows]),
+        )
+
+
+# --------------------------------------------------------------------------
+# The transformers model
+# --------------------------------------------------------------------------
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+
+
+class ControllerConfig(PretrainedConfig):
+    """Everything needed to rebuild a ``TwoStageController`` (saved as config.json).
+
+    transformers 5 configs are dataclasses: fields are declared below and checked in
+    ``__post_init__``.
+
+    Attributes:
+        mode: "B" (Stage 2 from lang_feat + budget_feat + p, the seed's optimisation) or
+            "A" (Stage 2 from the latency token + p).
+        knob_space: the knob space as a dict (``KnobSpace.as_dict()``: num_layers,
+            default_top_k, max_insertion_position, max_dropped_blocks, tiers); default
+            ``KnobSpace.for_model(16, 8)``.
+        lang_dim: width of ``lang_feat`` (the VLM's d_model).
+        latency_dim: width of the latency token and the probe (the VLM's hidden size).
+        budget_range_ms: (lo, hi) the budgets are drawn from; sets the normalisation.
+        num_frequencies: sin/cos pairs in the budget encoding.
+        hidden_dim: width of every hidden layer.
+        budget_dim: width of ``budget_feat``.
+        probe_scale: norm of the Mode-A probe embedding (the VLM's mean token-embedding norm).
+        seed: seeds the initial weights and the fixed probe projection.
+    """
+
+    model_type = "knoblib_controller"
+
+    mode: str = "B"
+    knob_space: dict | None = None
+    lang_dim: int = 64
+    latency_dim: int = 64
+    budget_range_ms: tuple[float, float] | list[float] = (50.0, 500.0)
+    num_frequencies: int = 6
+    hidden_dim: int = 64
+    budget_dim: int = 64
+    probe_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self, **kwargs) -> None:
+        if self.mode not in ("A", "B"):
+            raise ValueError(f"mode={self.mode!r} is invalid: allowed 'A' (latency token) or 'B' (optimised)")
+        if self.knob_space is None:
+            self.knob_space = KnobSpace.for_model().as_dict()
+        elif isinstance(self.knob_space, KnobSpace):
+            self.knob_space = self.knob_space.as_dict()
+        if not isinstance(self.knob_space, dict):
+            raise ValueError(f"knob_space={self.knob_space!r} is invalid: expected KnobSpace.as_dict()")
+        try:
+            space = _space_from_dict(self.knob_space)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"knob_space={self.knob_space!r} is invalid: {err}") from err
+        self.knob_space = space.as_dict()
+        for name in ("lang_dim", "latency_dim", "num_frequencies", "hidden_dim", "budget_dim"):
+            _positive_int(name, getattr(self, name))
+        try:
+            lo, hi = (float(x) for x in self.budget_range_ms)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"budget_range_ms={self.budget_range_ms!r} is invalid: expected (lo, hi)") from err
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+            raise ValueError(f"budget_range_ms={self.budget_range_ms!r} is invalid: need finite 0 <= lo < hi")
+        self.budget_range_ms = (lo, hi)
+        if isinstance(self.probe_scale, bool) or not isinstance(self.probe_scale, (int, float)) or not (
+            math.isfinite(self.probe_scale) and self.probe_scale > 0
+        ):
+            raise ValueError(f"probe_scale={self.probe_scale!r} is invalid: must be finite and > 0")
+        self.probe_scale = float(self.probe_scale)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} is invalid: must be an int >= 0")
+        super().__post_init__(**kwargs)
+
+    def get_knob_space(self) -> KnobSpace:
+        """The knob space as a ``KnobSpace``."""
+        return _space_from_dict(self.knob_space)
+
+    @classmethod
+    def for_vlm(cls, vlm, budget_range_ms: tuple[float, float], mode: str = "B", **kwargs) -> "ControllerConfig":
+        """A config matching a ``KnobVLM``: its knob space, widths and token-embedding norm."""
+        from .features import LanguageFeatureExtractor
+
+        return cls(
+            mode=mode,
+            knob_space=vlm.knob_space.as_dict(),
+            lang_dim=vlm.hidden_size,
+            latency_dim=vlm.hidden_size,
+            budget_range_ms=tuple(budget_range_ms),
+            probe_scale=LanguageFeatureExtractor.from_vlm(vlm).mean_embedding_norm(),
+            **kwargs,
+        )
+
+
+def _space_from_dict(space: dict) -> KnobSpace:
+    space = dict(space)
+    if "tiers" in space:
+        space["tiers"] = tuple(space["tiers"])
+    return KnobSpace(**space)
+
+
+def _draw(dist: Categorical, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
+    """(N,) choices: argmax of the logits, or a draw from ``generator`` (the global RNG if None)."""
+    if greedy:
+        # Masked options sit at -inf, so argmax never returns one.
+        return dist.logits.argmax(dim=-1)
+    return torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
+
+
+class TwoStageController(PreTrainedModel):
+    """The two-stage knob controller as a transformers model.
+
+    Modules: ``budget_encoder`` (``LatencyBudgetEncoder``), ``budget_probe``
+    (``BudgetProbe``, the fixed Mode-A probe), ``stage1``
+    (``Knob1PredictorBudgetLanguage``), ``stage2`` (``Knob2Knob3Predictor`` in the
+    config's mode). Every method is batched over N rows.
+
+    Save with ``save_pretrained(dir)``; load with ``TwoStageController.from_pretrained(dir)``
+    or, checking the checkpoint against the caller's VLM, ``TwoStageController.load(dir, ...)``.
+    """
+
+    config_class = ControllerConfig
+    base_model_prefix = "controller"
+    main_input_name = "lang_feat"
+    # A few hundred kB: never split across devices.
+    _no_split_modules: list[str] = []
+
+    def __init__(self, config: ControllerConfig) -> None:
+        super().__init__(config)
+        space = config.get_knob_space()
+        # Seeded construction without disturbing the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.budget_encoder = LatencyBudgetEncoder(
+                config.budget_range_ms, config.num_frequencies, config.hidden_dim, config.budget_dim
+            )
+            self.budget_probe = BudgetProbe(
+                self.budget_encoder.encoding_dim, config.latency_dim, seed=config.seed, scale=config.probe_scale
+            )
+            self.stage1 = Knob1PredictorBudgetLanguage(
+                config.lang_dim, config.budget_dim, config.hidden_dim, len(space.tiers), space.max_insertion_position
+            )
+            self.stage2 = Knob2Knob3Predictor(
+                use_optimized_mode=config.mode == "B",
+                lang_dim=config.lang_dim,
+                budget_dim=config.budget_dim,
+                latency_dim=config.latency_dim,
+                hidden_dim=config.hidden_dim,
+                max_insertion_position=space.max_insertion_position,
+                top_k_options=space.top_k_options,
+                block_options={p: space.block_options(p) for p in space.insertion_positions},
+            )
+            self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Called by transformers for every module not loaded from a checkpoint."""
+        if isinstance(module, PolicyHead):
+            # Near-zero logits: the untrained policy is almost uniform, so GRPO's first
+            # groups explore every knob value.
+            init.normal_(module.weight, mean=0.0, std=0.01)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            # PyTorch's defaults (transformers' 0.02-std normal would shrink the small MLPs' signal).
+            module.reset_parameters()
+        elif isinstance(module, BudgetProbe):
+            init.copy_(module.projection, module.seeded_projection())
+
+    # --- saving and loading -------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "TwoStageController":
+        """Load a controller folder written by ``save_pretrained`` (local folders only)."""
+        path = Path(pretrained_model_name_or_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no controller at {path}: {'config.json is missing' if path.is_dir() else 'no such folder'} "
+                "(write one with TwoStageController.save_pretrained)"
+            )
+        return super().from_pretrained(str(path), *args, **kwargs)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        expected_space: KnobSpace | None = None,
+        expected_mode: str | None = None,
+        expected_latency_dim: int | None = None,
+    ) -> "TwoStageController":
+        """``from_pretrained`` that first checks the checkpoint matches the caller's setup.
+
+        Raises FileNotFoundError for a missing folder, and ValueError ("checkpoint from
+        another configuration") when its knob space, mode or latency_dim differs from the
+        expected one (typically ``vlm.knob_space``, the mode being trained, ``vlm.hidden_size``).
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no controller at {path}: config.json is missing")
+        config = ControllerConfig.from_pretrained(str(path))
+        saved_space = config.get_knob_space()
+        mismatches = []
+        if expected_space is not None and saved_space != expected_space:
+            mismatches.append(f"knob_space {saved_space} != expected {expected_space}")
+        if expected_mode is not None and config.mode != expected_mode:
+            mismatches.append(f"mode {config.mode!r} != expected {expected_mode!r}")
+        if expected_latency_dim is not None and config.latency_dim != expected_latency_dim:
+            mismatches.append(f"latency_dim {config.latency_dim} != expected {expected_latency_dim}")
+        if mismatches:
+            raise ValueError(f"checkpoint from another configuration at {path}: " + "; ".join(mismatches))
+        return cls.from_pretrained(path)
+
+    # --- properties ---------------------------------------------------------------
+    @property
+    def knob_space(self) -> KnobSpace:
+        return self.config.get_knob_space()
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    # --- features -----------------------------------------------------------------
+    def encode_budget(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """``budget_feat`` (N, budget_dim), with gradients into the budget encoder."""
+        return self.budget_encoder(budgets_ms)
+
+    @torch.no_grad()
+    def probe_embeddings(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """Mode-A probe input embeddings (N, latency_dim), for ``KnobVLM.generate(probe_embeddings=...)``."""
+        return self.budget_probe(self.budget_encoder.sinusoidal(budgets_ms))
+
+    # --- distributions ------------------------------------------------------------
+    def stage1_distributions(
+        self, lang_feat: torch.Tensor, budget_feat: torch.Tensor
+    ) -> tuple[Categorical, Categorical]:
+        """(tier over T tiers, insertion position over P) for lang_feat (N, lang_dim), budget_feat (N, budget_dim)."""
+        tier_logits, position_logits = self.stage1(lang_feat, budget_feat)
+        return Categorical(logits=tier_logits), Categorical(logits=position_logits)
+
+    def _positions(self, insertion_position_idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(insertion_position_idx)
+        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ValueError(
+                "insertion_position_idx must be a 1-D integer tensor (N,), "
+                f"got shape {tuple(idx.shape)} dtype {idx.dtype}"
+            )
+        size = self.knob_space.max_insertion_position
+        bad = (idx < 0) | (idx >= size)
+        if bool(bad.any()):
+            raise ValueError(
+                f"insertion_position_idx has values {idx[bad].tolist()[:5]}: allowed 0..{size - 1} (p - 1)"
+            )
+        return idx.long() + 1
+
+    def stage2_distributions(
+        self,
+        insertion_position_idx: torch.Tensor,
+        lang_feat: torch.Tensor | None = None,
+        budget_feat: torch.Tensor | None = None,
+        latency_token: torch.Tensor | None = None,
+    ) -> tuple[Categorical, Categorical]:
+        """(top_k over K options, num_active_blocks over all_block_options, masked for each row's p).
+
+        Mode B reads ``lang_feat`` and ``budget_feat``, Mode A reads ``latency_token``
+        (N, latency_dim); inputs the mode does not use are ignored.
+        """
+        p = self._positions(insertion_position_idx)
+        if self.stage2.use_optimized_mode:
+            top_k_logits, block_logits = self.stage2(p, lang_feat=lang_feat, budget_feat=budget_feat)
+        else:
+            top_k_logits, block_logits = self.stage2(p, latency_token=latency_token)
+        return Categorical(logits=top_k_logits), Categorical(logits=block_logits)
+
+    # --- sampling -----------------------------------------------------------------
+    @torch.no_grad()
+    def sample_stage1(
+        self,
+        lang_feat: torch.Tensor,
+        budget_feat: torch.Tensor,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tier_idx (N,), insertion_position_idx (N,)): drawn from ``generator``, or argmax if ``greedy``."""
+        tier_dist, position_dist = self.stage1_distributions(lang_feat, budget_feat)
+        return _draw(tier_dist, generator, greedy), _draw(position_dist, generator, greedy)
+
+    @torch.no_grad()
+    def sample_stage2(
+        self,
+        insertion_position_idx: torch.Tensor,
+        lang_feat: torch.Tensor | None = None,
+        budget_feat: torch.Tensor | None = None,
+        latency_token: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top_k_idx (N,), num_active_blocks_idx (N,)); totals p does not allow are never chosen."""
+        top_k_dist, block_dist = self.stage2_distributions(
+            insertion_position_idx, lang_feat, budget_feat, latency_token
+        )
+        return _draw(top_k_dist, generator, greedy), _draw(block_dist, generator, greedy)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        lang_feat: torch.Tensor,
+        budget_feat: torch.Tensor,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+    ) -> Decisions:
+        """Mode B: all four choices before the VLM runs. (Mode A samples Stage 2 at the pause: ``ModeADecider``.)"""
+        if self.mode != "B":
+            raise ValueError(
+                "sample() needs Mode B: in Mode A, Stage 2 reads the latency token at the pause "
+                "(use sample_stage1 and a ModeADecider with KnobVLM.generate)"
+            )
+        tier, position = self.sample_stage1(lang_feat, budget_feat, generator, greedy)
+        top_k, blocks = self.sample_stage2(position, lang_feat, budget_feat, generator=generator, greedy=greedy)
+        return Decisions(tier, position, top_k, blocks)
+
+    # --- scoring for GRPO ---------------------------------------------------------
+    def evaluate_actions(
+        self,
+        decisions: Decisions,
+        lang_feat: torch.Tensor,
+        budget_feat: torch.Tensor,
+        latency_token: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Joint log-probability and per-knob entropies of the taken decisions.
+
+        Args:
+            decisions: the N rows' choices (indices).
+            lang_feat: (N, lang_dim).
+            budget_feat: (N, budget_dim); from ``encode_budget`` so gradients reach the encoder.
+            latency_token: (N, latency_dim), Mode A only (read from the frozen VLM, no grad).
+
+        Returns:
+            ``(log_prob (N,), entropies)``: ``log_prob`` is the sum of the four choices'
+            log-probabilities; ``entropies`` maps each knob name (``KNOB_NAMES``) to (N,).
+        """
+        if not isinstance(decisions, Decisions):
+            raise TypeError(f"decisions must be a Decisions, got {type(decisions).__name__}")
+        decisions.check(self.knob_space)
+        n = len(decisions)
+        _check_features("lang_feat", lang_feat, self.config.lang_dim, n)
+        device = self.stage1.tier_head.weight.device
+        decisions = decisions.to(device)
+        dists = dict(
+            zip(
+                KNOB_NAMES,
+                (
+                    *self.stage1_distributions(lang_feat, budget_feat),
+                    *self.stage2_distributions(decisions.insertion_position, lang_feat, budget_feat, latency_token),
+                ),
+            )
+        )
+        log_probs = [dists[name].log_prob(getattr(decisions, name)) for name in KNOB_NAMES]
+        entropies = {name: dists[name].entropy() for name in KNOB_NAMES}
+        return torch.stack(log_probs).sum(0), entropies
+
+    def forward(
+        self,
+        decisions: Decisions,
+        lang_feat: torch.Tensor,
+        budget_feat: torch.Tensor,
+        latency_token: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Same as ``evaluate_actions`` (the call that needs gradients)."""
+        return self.evaluate_actions(decisions, lang_feat, budget_feat, latency_token)
+
+
+class ModeADecider:
+    """Stage 2 at the pause of a resumable Mode-A forward (``KnobVLM.generate(decide=...)``).
+
+    At each row's pause the VLM calls it with that row's latency token; it samples
+    (top_k, num_active_blocks) for the row and records the token and the indices, so
+    GRPO can score the same choices later with ``evaluate_actions``.
+
+    Args:
+        controller: a Mode-A ``TwoStageController``.
+        insertion_position_idx: (N,) Stage 1's p - 1 per row.
+        generator, greedy: as in ``sample_stage2``.
+    """
+
+    def __init__(
+        self,
+        controller: TwoStageController,
+        insertion_position_idx: torch.Tensor,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+    ) -> None:
+        if controller.mode != "A":
+            raise ValueError("ModeADecider needs a Mode-A controller (config.mode='A')")
+        self.controller = controller
+        self.insertion_position_idx = torch.as_tensor(insertion_position_idx).long()
+        self.generator, self.greedy = generator, greedy
+        n = self.insertion_position_idx.shape[0]
+        self.latency_tokens = torch.full((n, controller.config.latency_dim), float("nan"))
+        self.top_k = torch.full((n,), -1, dtype=torch.long)
+        self.num_active_blocks = torch.full((n,), -1, dtype=torch.long)
+
+    def __call__(self, latency_tokens: torch.Tensor, rows: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(latency tokens (n, d), row indices (n,)) -> (top_k values, num_active_blocks values)."""
+        rows = torch.as_tensor(rows).long().cpu()
+        # generate() runs under inference_mode; a clone made outside it can be used by autograd later.
+        with torch.inference_mode(False):
+            tokens = latency_tokens.detach().float().cpu().clone()
+        top_k, blocks = self.controller.sample_stage2(
+            self.insertion_position_idx[rows], latency_token=tokens, generator=self.generator, greedy=self.greedy
+        )
+        with torch.inference_mode(False):
+            self.latency_tokens[rows] = tokens
+            self.top_k[rows] = top_k.cpu().clone()
+            self.num_active_blocks[rows] = blocks.cpu().clone()
+        space = self.controller.knob_space
+        top_k_values = [space.top_k_options[i] for i in top_k.tolist()]
+        return top_k_values, [space.all_block_options[i] for i in blocks.tolist()]
+
+    def decisions(self, tier_idx: torch.Tensor) -> Decisions:
+        """The full decisions once every row has paused (raises ValueError otherwise)."""
+        missing = (self.top_k < 0).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(f"rows {missing[:5]} never reached their pause: no Stage-2 decision recorded")
+        tier = torch.as_tensor(tier_idx).long()
+        return Decisions(tier, self.insertion_position_idx, self.top_k, self.num_active_blocks)

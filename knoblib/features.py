@@ -1,0 +1,209 @@
+"""The controller's cheap inputs: question features, the budget encoding and the Mode-A probe.
+
+* ``LanguageFeatureExtractor``: ``lang_feat`` (N, d_model), the mean of the frozen VLM's
+  own input embeddings of the question tokens. No transformer pass, so Stage 1 (and
+  Mode-B Stage 2) decide before the model runs.
+* ``LatencyBudgetEncoder``: ``budget_feat`` (N, out_dim), a multi-frequency sinusoidal
+  encoding of the normalised budget followed by a small MLP (trained with the controller).
+* ``BudgetProbe``: the input embedding (N, d_model) of the Mode-A probe token, a fixed
+  random projection of the budget's sinusoidal encoding. Its hidden state after block
+  p-1 is the latency token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LanguageFeatureExtractor:
+    """Mean-pooled input embeddings of the question tokens (the seed's ``lang_feat``).
+
+    Args:
+        embedding: the VLM's input embedding table (``KnobVLM.input_embeddings``), frozen.
+        tokenizer: the VLM's tokenizer (``KnobVLM.tokenizer``).
+    """
+
+    def __init__(self, embedding: nn.Embedding, tokenizer) -> None:
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
+        self.embedding = embedding
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_vlm(cls, vlm) -> "LanguageFeatureExtractor":
+        """The extractor for a ``KnobVLM`` (its input embeddings and tokenizer)."""
+        return cls(vlm.input_embeddings, vlm.tokenizer)
+
+    @property
+    def dim(self) -> int:
+        """d_model, the width of ``lang_feat``."""
+        return self.embedding.embedding_dim
+
+    def mean_embedding_norm(self) -> float:
+        """Mean L2 norm of the embedding table's rows: the ``scale`` to give ``BudgetProbe``."""
+        with torch.no_grad():
+            return float(self.embedding.weight.float().norm(dim=-1).mean())
+
+    def __call__(self, questions: Sequence[str]) -> torch.Tensor:
+        """Return ``lang_feat`` (N, d_model), float32, detached, for N question strings."""
+        if isinstance(questions, str):
+            raise ValueError("questions must be a list of strings, got a single string")
+        if len(questions) == 0:
+            raise ValueError("questions is empty: give at least one question")
+        token_ids: list[list[int]] = []
+        for i, question in enumerate(questions):
+            if not isinstance(question, str):
+                raise ValueError(f"question {i} is not a string: {question!r}")
+            # No BOS/EOS: special tokens are shared by every prompt and would only blur the mean.
+            ids = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+            if len(ids) == 0:
+                raise ValueError(f"question {i} is empty (no tokens): {question!r}")
+            token_ids.append(ids)
+        weight = self.embedding.weight
+        flat = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long, device=weight.device)
+        lengths = torch.tensor([len(ids) for ids in token_ids], device=weight.device)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        # The VLM is frozen: no graph into its embedding table.
+        with torch.no_grad():
+            pooled = F.embedding_bag(flat, weight, offsets, mode="mean")
+        return pooled.detach().float()
+
+
+def _as_budgets(budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Validate budgets and return them as a 1-D float tensor (N,)."""
+    budgets = torch.as_tensor(budgets_ms)
+    if budgets.dtype == torch.bool or budgets.is_complex():
+        raise ValueError(f"budgets_ms must be real numbers, got dtype {budgets.dtype}")
+    if not budgets.is_floating_point():
+        budgets = budgets.float()
+    if budgets.dim() != 1:
+        raise ValueError(f"budgets_ms must be a 1-D tensor (N,), got shape {tuple(budgets.shape)}")
+    if budgets.numel() == 0:
+        raise ValueError("budgets_ms is empty: give at least one budget")
+    bad = ~torch.isfinite(budgets) | (budgets <= 0)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        values = [float(budgets[r]) for r in rows[:5]]
+        raise ValueError(
+            f"budgets_ms must be finite and > 0 (milliseconds): got {values} at rows {rows[:5]}"
+            + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        )
+    return budgets
+
+
+class LatencyBudgetEncoder(nn.Module):
+    """``budget_feat`` (N, out_dim): a sinusoidal encoding of the normalised budget, then an MLP.
+
+    Args:
+        budget_range_ms: (lo, hi), the range budgets are drawn from; ``u = (b - lo) / (hi - lo)``.
+            Budgets outside it are allowed (u then lies a little outside [0, 1]).
+        num_frequencies: F, sin/cos pairs in the encoding (its width is 2F + 1).
+        hidden_dim: width of the MLP's hidden layer.
+        out_dim: width of ``budget_feat``.
+    """
+
+    def __init__(
+        self,
+        budget_range_ms: tuple[float, float],
+        num_frequencies: int = 6,
+        hidden_dim: int = 64,
+        out_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        if len(budget_range_ms) != 2:
+            raise ValueError(f"budget_range_ms={budget_range_ms!r} is invalid: expected (lo, hi)")
+        lo, hi = float(budget_range_ms[0]), float(budget_range_ms[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+            raise ValueError(f"budget_range_ms={budget_range_ms!r} is invalid: need finite 0 <= lo < hi")
+        for name, value in (("num_frequencies", num_frequencies), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+        self.budget_range_ms = (lo, hi)
+        self.num_frequencies = num_frequencies
+        self.out_dim = out_dim
+        # Why these frequencies: the original encoded u in [0, 1] with the transformer
+        # schedule 1 / 10000^(2i/d), i.e. angular frequencies <= 1 rad per unit of u, so
+        # every sin stayed near 0 and every cos near 1: the lowest and highest budgets had
+        # cosine similarity ~0.92-0.97 and budgets 5% of the range apart ~0.9998 (tested).
+        # Here the frequencies double from pi/2: the lowest pair turns a quarter period over
+        # [lo, hi] (monotone, so lo and hi never alias), the highest (2^(F-2) pi) resolves
+        # a few percent of the range. Starting at pi instead makes every pair complete whole
+        # periods over the range, so lo and hi coincide on all of them but one (similarity
+        # 0.62 for F = 6 instead of 0.46).
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * num_frequencies + 1, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    @property
+    def encoding_dim(self) -> int:
+        """2F + 1, the width of ``sinusoidal``."""
+        return 2 * self.num_frequencies + 1
+
+    def normalise(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """u = (b - lo) / (hi - lo), (N,); raises ValueError for non-finite or non-positive budgets."""
+        budgets = _as_budgets(budgets_ms).to(self.mlp[0].weight.device)
+        lo, hi = self.budget_range_ms
+        return (budgets - lo) / (hi - lo)
+
+    def sinusoidal(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """[u, sin(w_i u), cos(w_i u)] for w_i = 2^i pi / 2, i < F: (N, 2F + 1), no parameters."""
+        u = self.normalise(budgets_ms)[:, None]
+        frequencies = (math.pi / 2) * 2.0 ** torch.arange(self.num_frequencies, dtype=u.dtype, device=u.device)
+        angles = u * frequencies
+        return torch.cat([u, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    def forward(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """``budget_feat`` (N, out_dim) for budgets (N,) in milliseconds."""
+        features = self.sinusoidal(budgets_ms)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class BudgetProbe(nn.Module):
+    """The Mode-A probe token's input embedding: a fixed projection of the budget encoding.
+
+    The latency token is the probe's hidden state after block p-1, read from the frozen
+    VLM under no_grad, so no gradient could train the probe anyway; keeping it fixed also
+    keeps the latency token's meaning stable while the controller learns to read it.
+
+    Args:
+        encoder_dim: width of the sinusoidal encoding (``LatencyBudgetEncoder.encoding_dim``).
+        d_model: the VLM's hidden size.
+        seed: seeds the random projection (a buffer, saved with the controller).
+        scale: the norm of every probe embedding; pass the VLM's mean token-embedding norm
+            (``LanguageFeatureExtractor.mean_embedding_norm()``) so the probe looks like a token.
+    """
+
+    def __init__(self, encoder_dim: int, d_model: int, seed: int = 0, scale: float = 1.0) -> None:
+        super().__init__()
+        for name, value in (("encoder_dim", encoder_dim), ("d_model", d_model)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale={scale!r} is invalid: must be finite and > 0")
+        self.encoder_dim = encoder_dim
+        self.d_model = d_model
+        self.seed = int(seed)
+        self.scale = float(scale)
+        # Persistent: a checkpoint carries the exact projection it was trained with.
+        self.register_buffer("projection", self.seeded_projection())
+
+    def seeded_projection(self) -> torch.Tensor:
+        """The (encoder_dim, d_model) Gaussian projection drawn from ``seed`` (CPU generator)."""
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        return torch.randn(self.encoder_dim, self.d_model, generator=generator, device="cpu")
+
+    def forward(self, sinusoidal_features: torch.Tensor) -> torch.Tensor:
+        """Probe embeddings (N, d_model), each of norm ``scale``, for features (N, encoder_dim)."""
+        if sinusoidal_features.dim() != 2 or sinusoidal_features.shape[1] != self.encoder_dim:
+            raise ValueError(
+                f"sinusoidal_features has shape {tuple(sinusoidal_features.shape)}: expected (N, {self.encoder_dim})"
+            )
+        projected = sinusoidal_features.to(self.projection.dtype) @ self.projection
+        return self.scale * projected / projected.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,591 @@
+"""Joint GRPO training of the two-stage controller.
+
+One step, for a batch of B (image, question, budget) requests and a group of G rollouts
+per request (N = B * G rows):
+
+1. features: ``lang_feat`` (mean-pooled question embeddings) and ``budget_feat``;
+2. Stage 1 samples (tier, insertion_position) per row;
+3. Stage 2 samples (top_k, num_active_blocks) per row, from the latency token (Mode A)
+   or from lang + budget + emb(p) (Mode B);
+4. the VLM answers with each row's knobs; the reward is correctness minus the budget
+   penalty, with the latency each configuration has *when served alone* (the profiled
+   ``LatencyTable``), never the wall time of the batched run;
+5. advantages are rewards normalised within each group; the clipped surrogate of the
+   joint log-probability (the sum over the four choices) is maximised for a few inner
+   iterations, with an optional KL term to a frozen reference and an entropy bonus.
+
+The three execution modes differ only in step 3-4 and in the forwards they count:
+
+* ``A-naive`` (the seed's baseline): a partial forward to p for the latency token, then a
+  separate full forward: 2 G forwards per request (10 at G = 5);
+* ``A-resumable``: one forward per rollout that pauses at p, lets Stage 2 decide and
+  continues from the same hidden states and KV cache (G per request);
+* ``B``: every knob is sampled before execution, the whole batch runs as one batched
+  generate with per-row knobs (G per request).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .controller import Decisions, ModeADecider, TwoStageController
+from .data import VQASample
+from .features import LanguageFeatureExtractor
+from .knobs import KnobConfig
+from .latency import BudgetSampler, LatencyTable
+from .reward import RewardConfig, compute_reward
+from .vlm import KnobVLM
+
+MODES = ("A-naive", "A-resumable", "B")
+SCALE_REWARDS = ("group", "batch", "none")
+CHECKPOINT_FORMAT = "knoblib-grpo-checkpoint"
+
+
+@dataclass
+class GRPOConfig:
+    """Arguments of joint GRPO training.
+
+    Attributes:
+        mode: ``A-naive``, ``A-resumable`` or ``B`` (see the module docstring).
+        group_size: G, rollouts per request.
+        batch_size: B, requests per step.
+        steps: optimizer steps (``train`` stops there).
+        lr: Adam learning rate for the controller.
+        inner_iterations: policy-gradient passes over the same rollouts (> 1 makes the
+            clipping matter: the ratio to the rollout policy moves away from 1).
+        clip_eps: PPO/GRPO clip range for the probability ratio.
+        kl_coef: weight of the KL term to the frozen reference controller (0 = off).
+        entropy_coef: weight of the entropy bonus (sum over the four knobs).
+        scale_rewards: ``group`` divides advantages by the group's std (GRPO),
+            ``batch`` by the batch's std, ``none`` only subtracts the group mean.
+        skip_zero_std_groups: drop groups whose rewards are all equal from the loss
+            (they carry no signal and would only dilute the mean).
+        max_grad_norm: gradient-norm clip.
+        answer_tokens: most tokens decoded per rollout (answers are one word + eos).
+        budget_margin: budgets are drawn from the achievable range widened by this
+            fraction at both ends.
+        val_every: steps between validations (0 = never during training).
+        val_size: validation requests (each paired with budgets from the sweep).
+        val_budgets: budgets in the validation sweep.
+        seed: seeds batches, budgets and knob sampling.
+        reward: the reward weights.
+    """
+
+    mode: str = "B"
+    group_size: int = 5
+    batch_size: int = 8
+    steps: int = 400
+    lr: float = 3e-3
+    inner_iterations: int = 2
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.01
+    scale_rewards: str = "group"
+    skip_zero_std_groups: bool = True
+    max_grad_norm: float = 1.0
+    answer_tokens: int = 3
+    budget_margin: float = 0.1
+    val_every: int = 100
+    val_size: int = 200
+    val_budgets: int = 8
+    seed: int = 0
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is invalid: allowed {list(MODES)}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards={self.scale_rewards!r} is invalid: allowed {list(SCALE_REWARDS)}")
+        for name in ("group_size", "batch_size", "inner_iterations", "answer_tokens", "val_budgets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size} is invalid: GRPO needs >= 2 rollouts per group")
+        for name in ("lr", "clip_eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value} is invalid: must be a positive finite number")
+        for name in ("kl_coef", "entropy_coef", "max_grad_norm", "steps", "val_every", "val_size"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value} is invalid: must be >= 0")
+        if isinstance(self.reward, dict):
+            self.reward = RewardConfig(**self.reward)
+
+    @property
+    def stage2_mode(self) -> str:
+        """The controller's Stage-2 input mode this training mode needs (``A`` or ``B``)."""
+        return "B" if self.mode == "B" else "A"
+
+
+@dataclass
+class Rollouts:
+    """One step's N = B * G rollouts (rows grouped: request b owns rows b*G .. b*G+G-1).
+
+    Attributes:
+        decisions: the sampled knob indices (N,) each.
+        knobs: the same as ``KnobConfig`` objects.
+        lang_feat: (N, d) question features; budgets: (N,) ms.
+        latency_tokens: (N, d) Mode-A latency tokens, or None in Mode B.
+        old_log_prob: (N,) joint log-prob under the policy that sampled.
+        correct: (N,) bool; latency_ms: (N,) from the table; reward: (N,).
+        partial_forwards / full_forwards: forwards counted for this step.
+    """
+
+    decisions: Decisions
+    knobs: list[KnobConfig]
+    lang_feat: torch.Tensor
+    budgets: torch.Tensor
+    latency_tokens: torch.Tensor | None
+    old_log_prob: torch.Tensor
+    correct: torch.Tensor
+    latency_ms: torch.Tensor
+    reward: torch.Tensor
+    partial_forwards: int
+    full_forwards: int
+
+
+@dataclass
+class ControlledRun:
+    """The controller's decisions for N rows and the VLM's answers under them.
+
+    Attributes:
+        decisions / knobs: what the controller chose, as indices and as ``KnobConfig``.
+        answers: the VLM's answer per row.
+        lang_feat: (N, d); budget_feat: (N, budget_dim); latency_tokens: (N, d) or None.
+        partial_forwards / full_forwards: forwards this run counted.
+    """
+
+    decisions: Decisions
+    knobs: list[KnobConfig]
+    answers: list[str]
+    lang_feat: torch.Tensor
+    budget_feat: torch.Tensor
+    latency_tokens: torch.Tensor | None
+    partial_forwards: int
+    full_forwards: int
+
+
+@torch.no_grad()
+def run_controller(
+    vlm: KnobVLM,
+    controller: TwoStageController,
+    language: LanguageFeatureExtractor,
+    images: list[torch.Tensor],
+    questions: list[str],
+    budgets: torch.Tensor,
+    mode: str,
+    answer_tokens: int,
+    generator: torch.Generator | None = None,
+    greedy: bool = False,
+) -> ControlledRun:
+    """Let the controller pick each row's knobs (sampled or greedy) and run the VLM with them.
+
+    ``mode`` is how Stage 2 gets its input and how the VLM is executed (see the module
+    docstring): ``B`` decides everything first and runs one batched generate;
+    ``A-resumable`` pauses each row's forward at its p; ``A-naive`` runs a separate
+    partial forward first (counted as extra forwards).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is invalid: allowed {list(MODES)}")
+    space = vlm.knob_space
+    n = len(questions)
+    lang = language(questions)
+    budget_feat = controller.encode_budget(budgets)
+    tier, pos = controller.sample_stage1(lang, budget_feat, generator=generator, greedy=greedy)
+    stage1 = [(space.tiers[t], space.insertion_positions[p]) for t, p in zip(tier.tolist(), pos.tolist())]
+    latency_tokens = None
+    partial = 0
+    if mode == "B":
+        topk, blocks = controller.sample_stage2(pos, lang_feat=lang, budget_feat=budget_feat, generator=generator, greedy=greedy)
+        decisions = Decisions(tier, pos, topk, blocks)
+        out = vlm.generate(images, questions, decisions.to_knobs(space), answer_tokens)
+    elif mode == "A-naive":
+        probe = controller.probe_embeddings(budgets)
+        latency_tokens = vlm.partial_forward(images, questions, stage1, probe)
+        partial = n
+        topk, blocks = controller.sample_stage2(pos, latency_token=latency_tokens, generator=generator, greedy=greedy)
+        decisions = Decisions(tier, pos, topk, blocks)
+        out = vlm.generate(images, questions, decisions.to_knobs(space), answer_tokens)
+    else:
+        decider = ModeADecider(controller, pos, generator=generator, greedy=greedy)
+        out = vlm.generate(
+            images, questions, None, answer_tokens,
+            probe_embeddings=controller.probe_embeddings(budgets), decide=decider, stage1=stage1,
+        )
+        latency_tokens = decider.latency_tokens
+        decisions = decider.decisions(tier)
+    return ControlledRun(
+        decisions, decisions.to_knobs(space), out.answers, lang, budget_feat, latency_tokens, partial, n
+    )
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6):
+    """GRPO advantages: (r - mean of its group) / std, with the std per group, batch or 1.
+
+    Args:
+        rewards: (N,) with N = B * group_size, grouped contiguously.
+
+    Returns:
+        (advantages (N,), zero_std (B,) bool: groups whose rewards are all equal).
+    """
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True, unbiased=True)
+    centred = grouped - mean
+    if scale == "group":
+        adv = centred / (std + eps)
+    elif scale == "batch":
+        adv = centred / (rewards.std(unbiased=True) + eps)
+    elif scale == "none":
+        adv = centred
+    else:
+        raise ValueError(f"scale_rewards={scale!r} is invalid: allowed {list(SCALE_REWARDS)}")
+    return adv.reshape(-1), std.squeeze(1) < eps
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float,
+    mask: torch.Tensor | None = None,
+    ref_log_prob: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO surrogate (DeepSeekMath eq. 3) for one-action "sequences".
+
+    ``L = -mean[min(rho A, clip(rho, 1-eps, 1+eps) A) - beta KL]`` with
+    ``rho = exp(log_prob - old_log_prob)`` and the unbiased KL estimator
+    ``KL = exp(ref - log_prob) - (ref - log_prob) - 1``. ``mask`` (N,) bool selects
+    the rows that count (zero-std groups removed).
+
+    Returns (loss, stats with clip_fraction and kl).
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    objective = torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(log_prob)
+    if ref_log_prob is not None:
+        delta = ref_log_prob - log_prob
+        kl = torch.exp(delta) - delta - 1.0
+    objective = objective - kl_coef * kl
+    mask = torch.ones_like(log_prob, dtype=torch.bool) if mask is None else mask
+    count = mask.sum().clamp(min=1)
+    loss = -(objective * mask).sum() / count
+    clip_fraction = (((ratio - 1.0).abs() > clip_eps) & mask).sum() / count
+    return loss, {"clip_fraction": float(clip_fraction), "kl": float((kl.detach() * mask).sum() / count)}
+
+
+class JointGRPOTrainer:
+    """Trains both controller stages jointly with GRPO on a frozen ``KnobVLM``.
+
+    Args:
+        vlm: the frozen VLM (answers, latency tokens).
+        controller: the ``TwoStageController`` being trained (its Stage-2 mode must
+            match ``cfg.stage2_mode``).
+        table: the profiled latency of every configuration on this machine.
+        train / val: the request pools (samples; budgets are drawn per request).
+        cfg: ``GRPOConfig``.
+        reference: a frozen controller for the KL term (default: a copy at start).
+    """
+
+    def __init__(
+        self,
+        vlm: KnobVLM,
+        controller: TwoStageController,
+        table: LatencyTable,
+        train: list[VQASample],
+        val: list[VQASample],
+        cfg: GRPOConfig,
+        reference: TwoStageController | None = None,
+    ) -> None:
+        if controller.config.mode != cfg.stage2_mode:
+            raise ValueError(
+                f"controller mode {controller.config.mode!r} does not match training mode {cfg.mode!r} "
+                f"(which needs a Stage-2 mode {cfg.stage2_mode!r} controller)"
+            )
+        table.check_space(vlm.knob_space)
+        if controller.knob_space != vlm.knob_space:
+            raise ValueError(f"controller knob space {controller.knob_space} differs from the VLM's {vlm.knob_space}")
+        if not train:
+            raise ValueError("train is empty: need at least one request")
+        self.vlm = vlm.eval()
+        for p in self.vlm.parameters():
+            p.requires_grad_(False)
+        self.controller = controller
+        self.table = table
+        self.train_samples = train
+        self.val_samples = val[: cfg.val_size]
+        self.cfg = cfg
+        self.space = vlm.knob_space
+        self.language = LanguageFeatureExtractor(vlm.input_embeddings, vlm.tokenizer)
+        self.reference = None
+        if cfg.kl_coef > 0:
+            self.reference = copy.deepcopy(reference or controller).eval()
+            for p in self.reference.parameters():
+                p.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(controller.parameters(), lr=cfg.lr)
+        self.budgets = BudgetSampler(table, margin=cfg.budget_margin, seed=cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.data_rng = random.Random(cfg.seed)
+        self.order: list[int] = []
+        self.step_count = 0
+        self.history: list[dict] = []
+        self.best_val_reward = -math.inf
+        self._images: dict[str, torch.Tensor] = {}
+
+    # --- data ---------------------------------------------------------------------
+    def image(self, sample: VQASample) -> torch.Tensor:
+        if sample.uid not in self._images:
+            self._images[sample.uid] = sample.image()
+        return self._images[sample.uid]
+
+    def next_batch(self) -> tuple[list[VQASample], torch.Tensor]:
+        """B requests (cycling through shuffled epochs) and their budgets (B,) ms."""
+        while len(self.order) < self.cfg.batch_size:
+            fresh = list(range(len(self.train_samples)))
+            self.data_rng.shuffle(fresh)
+            self.order += fresh
+        idx, self.order = self.order[: self.cfg.batch_size], self.order[self.cfg.batch_size :]
+        return [self.train_samples[i] for i in idx], self.budgets.sample(len(idx))
+
+    # --- rollouts -----------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, samples: list[VQASample], budgets: torch.Tensor, greedy: bool = False, group_size=None):
+        """Sample G configurations per request, run the VLM with each and score them."""
+        G = self.cfg.group_size if group_size is None else group_size
+        rows = [s for s in samples for _ in range(G)]
+        budgets = budgets.repeat_interleave(G)
+        run = run_controller(
+            self.vlm,
+            self.controller,
+            self.language,
+            [self.image(s) for s in rows],
+            [s.question for s in rows],
+            budgets,
+            self.cfg.mode,
+            self.cfg.answer_tokens,
+            generator=None if greedy else self.generator,
+            greedy=greedy,
+        )
+        correct = torch.tensor([a == s.answer for a, s in zip(run.answers, rows)])
+        latency_ms = self.table.latencies(run.knobs)
+        reward, _ = compute_reward(correct, latency_ms, budgets, self.cfg.reward)
+        old_log_prob, _ = self.controller.evaluate_actions(run.decisions, run.lang_feat, run.budget_feat, run.latency_tokens)
+        return Rollouts(
+            run.decisions,
+            run.knobs,
+            run.lang_feat,
+            budgets,
+            run.latency_tokens,
+            old_log_prob,
+            correct,
+            latency_ms,
+            reward,
+            run.partial_forwards,
+            run.full_forwards,
+        )
+
+    # --- one step -----------------------------------------------------------------
+    def train_step(self, batch: tuple[list[VQASample], torch.Tensor] | None = None) -> dict:
+        """One joint GRPO step; returns its metrics (also appended to ``history``)."""
+        start = time.perf_counter()
+        samples, budgets = self.next_batch() if batch is None else batch
+        if len(samples) != len(budgets):
+            raise ValueError(f"batch has {len(samples)} samples but {len(budgets)} budgets")
+        self.controller.eval()
+        ro = self.rollout(samples, budgets)
+        rollout_s = time.perf_counter() - start
+        cfg = self.cfg
+        advantages, zero_std = group_advantages(ro.reward, cfg.group_size, cfg.scale_rewards)
+        mask = torch.ones_like(ro.reward, dtype=torch.bool)
+        if cfg.skip_zero_std_groups:
+            mask = (~zero_std).repeat_interleave(cfg.group_size)
+        ref_log_prob = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_feat = self.reference.encode_budget(ro.budgets)
+                ref_log_prob, _ = self.reference.evaluate_actions(ro.decisions, ro.lang_feat, ref_feat, ro.latency_tokens)
+        self.controller.train()
+        stats: dict = {}
+        for _ in range(cfg.inner_iterations):
+            budget_feat = self.controller.encode_budget(ro.budgets)
+            log_prob, entropies = self.controller.evaluate_actions(ro.decisions, ro.lang_feat, budget_feat, ro.latency_tokens)
+            loss, stats = grpo_loss(log_prob, ro.old_log_prob, advantages, cfg.clip_eps, mask, ref_log_prob, cfg.kl_coef)
+            entropy = sum(entropies.values()).mean()
+            total = loss - cfg.entropy_coef * entropy
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.controller.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+        self.controller.eval()
+        self.step_count += 1
+        violation = ro.latency_ms > ro.budgets
+        metrics = {
+            "step": self.step_count,
+            "mode": cfg.mode,
+            "reward_mean": float(ro.reward.mean()),
+            "reward_std": float(ro.reward.std()),
+            "accuracy": float(ro.correct.float().mean()),
+            "latency_over_budget": float((ro.latency_ms / ro.budgets).mean()),
+            "violation_rate": float(violation.float().mean()),
+            **{f"entropy_{k}": float(v.mean()) for k, v in entropies.items()},
+            "clip_fraction": stats["clip_fraction"],
+            "kl": stats["kl"],
+            "zero_std_fraction": float(zero_std.float().mean()),
+            "loss": float(loss),
+            "grad_norm": float(grad_norm),
+            "partial_forwards": ro.partial_forwards,
+            "full_forwards": ro.full_forwards,
+            "forwards_per_request": (ro.partial_forwards + ro.full_forwards) / len(samples),
+            "rollout_time_s": rollout_s,
+            "step_time_s": time.perf_counter() - start,
+        }
+        self.history.append(metrics)
+        return metrics
+
+    # --- validation ---------------------------------------------------------------
+    def val_budgets(self) -> torch.Tensor:
+        return self.budgets.sweep(self.cfg.val_budgets)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Greedy decisions on the validation requests, each at every sweep budget (deterministic)."""
+        sweep = self.val_budgets()
+        results = {"correct": [], "violation": [], "ratio": [], "reward": []}
+        for budget in sweep.tolist():
+            for start in range(0, len(self.val_samples), 32):
+                chunk = self.val_samples[start : start + 32]
+                ro = self.rollout(chunk, torch.full((len(chunk),), budget), greedy=True, group_size=1)
+                results["correct"].append(ro.correct.float())
+                results["violation"].append((ro.latency_ms > ro.budgets).float())
+                results["ratio"].append(ro.latency_ms / ro.budgets)
+                results["reward"].append(ro.reward)
+        cat = {k: torch.cat(v) for k, v in results.items()}
+        return {
+            "val_accuracy": float(cat["correct"].mean()),
+            "val_violation_rate": float(cat["violation"].mean()),
+            "val_latency_over_budget": float(cat["ratio"].mean()),
+            "val_reward": float(cat["reward"].mean()),
+        }
+
+    # --- the loop -----------------------------------------------------------------
+    def train(self, out_dir: str | Path | None = None, progress: bool = True, callback=None) -> list[dict]:
+        """Run until ``cfg.steps``; validate, log metrics (JSONL) and checkpoint (best and last)."""
+        from tqdm.auto import tqdm
+
+        out = Path(out_dir) if out_dir is not None else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=self.cfg.steps, initial=self.step_count, desc=f"GRPO {self.cfg.mode}", disable=not progress)
+        while self.step_count < self.cfg.steps:
+            metrics = self.train_step()
+            if self.cfg.val_every and (self.step_count % self.cfg.val_every == 0 or self.step_count == self.cfg.steps):
+                metrics.update(self.validate())
+                if out is not None and metrics["val_reward"] > self.best_val_reward:
+                    self.best_val_reward = metrics["val_reward"]
+                    self.save_checkpoint(out / "best")
+                self.best_val_reward = max(self.best_val_reward, metrics["val_reward"])
+            if out is not None:
+                with open(out / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(metrics) + "\n")
+                if self.cfg.val_every and self.step_count % self.cfg.val_every == 0 or self.step_count == self.cfg.steps:
+                    self.save_checkpoint(out / "last")
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            if callback is not None:
+                callback(metrics)
+        bar.close()
+        return self.history
+
+    # --- checkpoints --------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": _jsonable(asdict(self.cfg)),
+            "step": self.step_count,
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "budget_generator": self.budgets.generator.get_state(),
+            "data_rng": self.data_rng.getstate(),
+            "order": list(self.order),
+            "history": self.history,
+            "best_val_reward": self.best_val_reward,
+            "reference": None if self.reference is None else self.reference.state_dict(),
+        }
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write controller + trainer state to ``path`` atomically (a temp dir, then a rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+        try:
+            self.controller.save_pretrained(tmp)
+            torch.save(self.state(), tmp / "trainer_state.pt")
+            old = path.with_name(path.name + ".old")
+            if path.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old.exists():
+                shutil.rmtree(old)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume exactly: controller weights, optimizer, RNGs, data order, history."""
+        path = Path(path)
+        state_file = path / "trainer_state.pt"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"no GRPO checkpoint at {path}: trainer_state.pt is missing")
+        try:
+            state = torch.load(state_file, weights_only=False)
+        except Exception as err:  # a truncated or foreign file
+            raise ValueError(f"{state_file} is corrupt: {err}") from err
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{state_file} is not a knoblib GRPO checkpoint")
+        saved_mode = state["config"].get("mode")
+        if saved_mode != self.cfg.mode:
+            raise ValueError(f"checkpoint at {path} was trained in mode {saved_mode!r}, this trainer is {self.cfg.mode!r}")
+        loaded = TwoStageController.load(path, expected_space=self.space, expected_mode=self.controller.config.mode)
+        self.controller.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.budgets.generator.set_state(state["budget_generator"])
+        self.data_rng.setstate(_tupleize(state["data_rng"]))
+        self.order = list(state["order"])
+        self.step_count = int(state["step"])
+        self.history = list(state["history"])
+        self.best_val_reward = float(state["best_val_reward"])
+        if self.reference is not None and state["reference"] is not None:
+            self.reference.load_state_dict(state["reference"])
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tupleize(value):
+    """``random.Random.setstate`` needs tuples; torch.save keeps them, JSON would not."""
+    if isinstance(value, list):
+        return tuple(_tupleize(v) for v in value)
+    return value
