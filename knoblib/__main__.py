@@ -38,8 +38,10 @@ def cmd_pretrain(args) -> None:
     from .pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every)
-    vlm, history = pretrain(cfg, data_path())
-    vlm.save_pretrained(args.out)
+    from .pretrain import save_atomically
+
+    vlm, history = pretrain(cfg, data_path(), checkpoint_dir=Path(args.out))
+    save_atomically(vlm, Path(args.out))
     (Path(args.out) / "pretrain_log.json").write_text(json.dumps(history))
     print(f"saved the VLM to {args.out}")
 
@@ -134,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("data", help="generate the synthetic VQA splits and the tokenizer").set_defaults(fn=cmd_data)
 
     p = sub.add_parser("pretrain", help="train the tiny MoE VLM with random knobs")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--out", default=str(data_path("model")))

@@ -5,12 +5,15 @@ four question families are designed so that the inference knobs matter
 *differently* per family:
 
 * ``color``    -- one large shape; answerable at any vision tier / depth.
-* ``mark``     -- a tiny 3x3 white glyph; only distinguishable at higher
-                  vision tiers (the glyphs collapse to the same pixel at the
+* ``mark``     -- a small 6x6 white glyph; only distinguishable at higher
+                  vision tiers (the glyphs collapse to the same pixels at the
                   low tier's 3x area-downsampling).
-* ``relation`` -- "what color is the shape left of the circle ?"; a two-hop
-                  question that needs more transformer depth.
-* ``count``    -- count small shapes of one color among distractors.
+* ``binding``  -- "what color is the square ?" among three shapes: recognise
+                  the shape, then read its color.
+* ``count``    -- count shapes of one color among distractors (one to three).
+
+Which knob hurts which family most is measured, not assumed: see
+``python -m knoblib knob-table`` and notebook 00.
 
 Scenes are stored as small JSON-able dicts and rendered on demand by
 :func:`render_scene`, which keeps the shipped ``data/vqa/*.jsonl.gz`` files
@@ -59,9 +62,10 @@ GLYPH_COLOR = "white"
 
 SHAPE_TYPES: tuple[str, ...] = ("circle", "square", "triangle")
 
-# Each glyph lights exactly 5 of the 9 pixels of a 3x3 cell. Equal pixel counts
-# mean that 3x area-downsampling of an aligned cell yields the same averaged
-# pixel for every glyph: the glyph identity is invisible at the low tier.
+# Each glyph lights exactly 5 of the 9 pixels of a 3x3 cell and is drawn as a
+# 2x2 tiling of that cell (6x6 px). Equal pixel counts per 3x3 cell mean that 3x
+# area-downsampling of an aligned glyph yields the same four averaged pixels for
+# every glyph: the glyph identity is invisible at the low tier.
 GLYPH_PATTERNS: dict[str, tuple[str, str, str]] = {
     "plus": (".#.", "###", ".#."),
     "cross": ("#.#", ".#.", "#.#"),
@@ -69,16 +73,20 @@ GLYPH_PATTERNS: dict[str, tuple[str, str, str]] = {
     "tee": ("###", ".#.", ".#."),
 }
 MARK_NAMES: tuple[str, ...] = tuple(GLYPH_PATTERNS)
-GLYPH_SIZE = 3
+GLYPH_CELL = 3
+GLYPH_SIZE = 2 * GLYPH_CELL
+# Glyph corners: multiples of 3 (the low tier's downsampling cells) that also put
+# the 6x6 glyph inside one 8x8 vision patch at full resolution (9..14, 33..38).
+GLYPH_POSITIONS: tuple[int, ...] = (9, 33)
 
-COUNT_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
+COUNT_WORDS: tuple[str, ...] = ("one", "two", "three")
 
-FAMILIES: tuple[str, ...] = ("color", "mark", "relation", "count")
+FAMILIES: tuple[str, ...] = ("color", "mark", "binding", "count")
 
 FAMILY_ANSWERS: dict[str, tuple[str, ...]] = {
     "color": COLOR_NAMES,
     "mark": MARK_NAMES,
-    "relation": COLOR_NAMES,
+    "binding": COLOR_NAMES,
     "count": COUNT_WORDS,
 }
 
@@ -96,10 +104,10 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
         "what small mark is shown ?",
         "which tiny symbol is in the image ?",
     ),
-    "relation": (
-        "what color is the shape {side} of the {type} ?",
-        "what is the color of the shape {side} of the {type} ?",
-        "which color does the shape {side} of the {type} have ?",
+    "binding": (
+        "what color is the {type} ?",
+        "what is the color of the {type} ?",
+        "which color does the {type} have ?",
     ),
     "count": (
         "how many {color} shapes are there ?",
@@ -107,15 +115,14 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
         "what is the number of {color} shapes ?",
     ),
 }
-RELATION_SIDES: tuple[str, ...] = ("left", "right")
 
 # Size ranges (inclusive, in pixels) of a shape's bounding-box side.
 COLOR_SHAPE_SIZE = (14, 22)
 MARK_SHAPE_SIZE = (12, 18)
-RELATION_SHAPE_SIZE = (10, 14)
-COUNT_SHAPE_SIZE = (6, 9)
-# Relation shapes live in three vertical bands (left/middle/right columns).
-RELATION_BAND_WIDTH = IMAGE_SIZE // 3
+BINDING_SHAPE_SIZE = (10, 13)
+COUNT_SHAPE_SIZE = (8, 12)
+# Binding and count shapes live inside the tiles of a 3x3 grid (the high tier's crops).
+TILE_SIZE = IMAGE_SIZE // 3
 # Placement attempts before restarting a scene from scratch.
 MAX_PLACEMENT_TRIES = 200
 
@@ -202,9 +209,10 @@ def shape_mask(shape_type: str, size: int) -> torch.Tensor:
 
 
 def glyph_mask(mark: str) -> torch.Tensor:
-    """Boolean (3, 3) mask of a glyph; each glyph has exactly 5 lit pixels."""
+    """Boolean (6, 6) mask of a glyph: its 3x3 cell (5 lit pixels) tiled 2x2."""
     pattern = GLYPH_PATTERNS[mark]
-    return torch.tensor([[ch == "#" for ch in row] for row in pattern], dtype=torch.bool)
+    cell = torch.tensor([[ch == "#" for ch in row] for row in pattern], dtype=torch.bool)
+    return cell.repeat(2, 2)
 
 
 def render_scene(scene: dict) -> torch.Tensor:
@@ -303,15 +311,14 @@ def _mark_question(rng: random.Random, answer: str) -> tuple[dict, str]:
     make_shape = _random_shape(rng, MARK_SHAPE_SIZE, NON_WHITE_COLOR_NAMES)
 
     def make_glyph(rng: random.Random) -> dict:
-        # Aligned to the 3 px grid so the glyph fills exactly one low-tier
-        # pixel: at 16x16 every glyph then averages to the same value.
-        cells = IMAGE_SIZE // GLYPH_SIZE
+        # Aligned to the 3 px grid so the glyph fills exactly 2x2 low-tier pixels
+        # (every glyph then averages to the same values), and to one vision patch.
         return {
             "kind": "glyph",
             "mark": answer,
             "color": GLYPH_COLOR,
-            "x": GLYPH_SIZE * rng.randrange(cells),
-            "y": GLYPH_SIZE * rng.randrange(cells),
+            "x": rng.choice(GLYPH_POSITIONS),
+            "y": rng.choice(GLYPH_POSITIONS),
         }
 
     while True:
@@ -328,58 +335,54 @@ def _mark_question(rng: random.Random, answer: str) -> tuple[dict, str]:
                 return {"objects": objects}, rng.choice(QUESTION_TEMPLATES["mark"])
 
 
-def _relation_question(rng: random.Random, answer: str) -> tuple[dict, str]:
-    # Band order (left to right) of the three shape types.
+def _binding_question(rng: random.Random, answer: str) -> tuple[dict, str]:
+    # Three shapes, one of each type, in three bands, three distinct colors: the
+    # answer binds a shape type to its color (shape recognition, then a lookup).
     types_by_band = list(SHAPE_TYPES)
     rng.shuffle(types_by_band)
-    # Valid (reference band, side) pairs: the reference needs a neighbour there.
-    reference_band, side = rng.choice([(1, "left"), (2, "left"), (0, "right"), (1, "right")])
-    target_band = reference_band - 1 if side == "left" else reference_band + 1
+    asked_band = rng.randrange(3)
     other_colors = [c for c in COLOR_NAMES if c != answer]
     rng.shuffle(other_colors)
-    colors_by_band = [None, None, None]
-    colors_by_band[target_band] = answer
-    for band in range(3):
-        if colors_by_band[band] is None:
-            colors_by_band[band] = other_colors.pop()
+    colors_by_band = [answer if band == asked_band else other_colors.pop() for band in range(3)]
     objects = []
     for band in range(3):
-        size = rng.randint(*RELATION_SHAPE_SIZE)
-        # 1 px margin inside each 16 px band keeps bands visibly separated.
-        band_left = band * RELATION_BAND_WIDTH
-        x = rng.randint(band_left + 1, band_left + RELATION_BAND_WIDTH - 1 - size)
-        y = rng.randint(0, IMAGE_SIZE - size)
-        objects.append(_shape(types_by_band[band], colors_by_band[band], x, y, size))
+        size = rng.randint(*BINDING_SHAPE_SIZE)
+        # Each shape sits inside one 16 px tile (its band's column, a random row),
+        # so the high tier sees every shape whole in one crop.
+        objects.append(_in_tile(rng, types_by_band[band], colors_by_band[band], band, rng.randrange(3), size))
     # Store objects in a random order so list position does not leak the layout.
     rng.shuffle(objects)
-    template = rng.choice(QUESTION_TEMPLATES["relation"])
-    question = template.format(side=side, type=types_by_band[reference_band])
-    return {"objects": objects}, question
+    template = rng.choice(QUESTION_TEMPLATES["binding"])
+    return {"objects": objects}, template.format(type=types_by_band[asked_band])
 
 
 def _count_question(rng: random.Random, answer: str) -> tuple[dict, str]:
     n_targets = COUNT_WORDS.index(answer) + 1
-    n_distractors = rng.randint(0, len(COUNT_WORDS) - n_targets)
+    n_distractors = rng.randint(0, len(COUNT_WORDS) - 1)
     target_color, distractor_color = rng.sample(COLOR_NAMES, 2)
-    make = _random_shape(rng, COUNT_SHAPE_SIZE, COLOR_NAMES)
     colors = [target_color] * n_targets + [distractor_color] * n_distractors
-    rng.shuffle(colors)
-    while True:
-        objects: list[dict] = []
-        for color in colors:
-            shape = _place_apart(rng, lambda r, c=color: make(r, c), objects)
-            if shape is None:
-                break
-            objects.append(shape)
-        else:
-            question = rng.choice(QUESTION_TEMPLATES["count"]).format(color=target_color)
-            return {"objects": objects}, question
+    # One shape per 16 px tile, in distinct tiles of the 3x3 grid: never touching.
+    tiles = rng.sample(range(9), len(colors))
+    objects = [
+        _in_tile(rng, rng.choice(SHAPE_TYPES), color, tile % 3, tile // 3, rng.randint(*COUNT_SHAPE_SIZE))
+        for color, tile in zip(colors, tiles)
+    ]
+    question = rng.choice(QUESTION_TEMPLATES["count"]).format(color=target_color)
+    return {"objects": objects}, question
+
+
+def _in_tile(rng: random.Random, shape_type: str, color: str, column: int, row: int, size: int) -> dict:
+    """A shape placed inside tile (column, row) of the 3x3 grid of 16 px tiles, 1 px margin."""
+    left, top = column * TILE_SIZE, row * TILE_SIZE
+    x = rng.randint(left + 1, left + TILE_SIZE - 1 - size)
+    y = rng.randint(top + 1, top + TILE_SIZE - 1 - size)
+    return _shape(shape_type, color, x, y, size)
 
 
 _FAMILY_GENERATORS = {
     "color": _color_question,
     "mark": _mark_question,
-    "relation": _relation_question,
+    "binding": _binding_question,
     "count": _count_question,
 }
 
@@ -518,7 +521,7 @@ def write_default_splits(data_dir: str | Path | None = None) -> dict[str, Path]:
 
 def vocabulary_words() -> list[str]:
     """Every non-special word that can appear in a question or answer, sorted."""
-    fillers = {"side": RELATION_SIDES, "type": SHAPE_TYPES, "color": COLOR_NAMES}
+    fillers = {"type": SHAPE_TYPES, "color": COLOR_NAMES}
     words: set[str] = set()
     for templates in QUESTION_TEMPLATES.values():
         for template in templates:

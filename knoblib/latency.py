@@ -174,8 +174,8 @@ class LatencyTable:
             raise self._missing(knobs) from None
 
     def latencies(self, knobs: Iterable[KnobConfig]) -> torch.Tensor:
-        """Latencies of several configurations: float32 tensor (N,) in ms."""
-        return torch.tensor([self.latency(k) for k in knobs], dtype=torch.float32)
+        """Latencies of several configurations: float64 tensor (N,) in ms."""
+        return torch.tensor([self.latency(k) for k in knobs], dtype=torch.float64)
 
     def vision_latency(self, tier: str) -> float | None:
         """Median ms of the vision part for ``tier``, or None if it was not measured."""
@@ -551,20 +551,21 @@ class BudgetSampler:
         self.generator.manual_seed(self.seed)
 
     def sample(self, n: int) -> torch.Tensor:
-        """``n`` budgets uniform on [low, high]: float32 tensor (n,) in ms."""
+        """``n`` budgets uniform on [low, high]: float64 tensor (n,) in ms."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n={n!r} is invalid: must be an integer >= 0")
         u = torch.rand(n, generator=self.generator, dtype=torch.float64)
-        return (self.low + u * (self.high - self.low)).to(torch.float32)
+        return self.low + u * (self.high - self.low)
 
     def sweep(self, num: int = 8) -> torch.Tensor:
-        """``num`` evenly spaced budgets from min_ms to max_ms: float32 tensor (num,) in ms.
+        """``num`` evenly spaced budgets from min_ms to max_ms: float64 tensor (num,) in ms.
 
         For evaluation: every budget is achievable, and the last fits the slowest configuration.
         """
         if isinstance(num, bool) or not isinstance(num, int) or num < 2:
             raise ValueError(f"num={num!r} is invalid: must be an integer >= 2")
-        return torch.linspace(self.table.min_ms, self.table.max_ms, num, dtype=torch.float64).to(torch.float32)
+        # float64 end to end: a float32 round-trip would put the ends just outside the table.
+        return torch.linspace(self.table.min_ms, self.table.max_ms, num, dtype=torch.float64)
 
     def normalize(self, budget_ms: torch.Tensor | float) -> torch.Tensor:
         """Map budgets to [0, 1] over [low, high] (not clamped): the controller's budget input."""

@@ -45,12 +45,12 @@ class PretrainConfig:
         vlm: the model sizes.
     """
 
-    steps: int = 3000
+    steps: int = 2400
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    full_config_fraction: float = 0.3
+    full_config_fraction: float = 0.5
     train_size: int | None = None
     eval_every: int = 500
     eval_size: int = 200
@@ -84,8 +84,13 @@ def accuracy(vlm: KnobVLM, samples: list[VQASample], knobs: KnobConfig, batch_si
     return correct / max(1, len(samples))
 
 
-def pretrain(cfg: PretrainConfig, data_dir: Path, log=print, progress: bool = True) -> tuple[KnobVLM, list[dict]]:
-    """Train a fresh ``KnobVLM`` on the train split; return it and the per-step log rows."""
+def pretrain(
+    cfg: PretrainConfig, data_dir: Path, log=print, progress: bool = True, checkpoint_dir: Path | None = None
+) -> tuple[KnobVLM, list[dict]]:
+    """Train a fresh ``KnobVLM`` on the train split; return it and the per-step log rows.
+
+    With ``checkpoint_dir``, the model is saved there (atomically) at every evaluation.
+    """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
@@ -128,7 +133,7 @@ def pretrain(cfg: PretrainConfig, data_dir: Path, log=print, progress: bool = Tr
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
         optimizer.step()
-        row = {"step": step, "loss": float(loss), **stats, "knobs": knobs.short(), "time_s": time.perf_counter() - start}
+        row = {"step": step, "loss": float(loss.detach()), **stats, "knobs": knobs.short(), "time_s": time.perf_counter() - start}
         last_step = step == cfg.steps - 1
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
             vlm.model.eval()
@@ -138,7 +143,24 @@ def pretrain(cfg: PretrainConfig, data_dir: Path, log=print, progress: bool = Tr
                 f"step {step + 1}: loss {row['loss']:.3f} val acc full {row['val_acc_full']:.3f} "
                 f"cheapest {row['val_acc_cheapest']:.3f} ({row['time_s']:.0f} s)"
             )
+            if checkpoint_dir is not None:
+                save_atomically(vlm, Path(checkpoint_dir))
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
     vlm.model.eval()
     return vlm, history
+
+
+def save_atomically(vlm: KnobVLM, path: Path) -> None:
+    """Save to a sibling temp folder, then swap it in: a crash never leaves half a model."""
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vlm.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.replace(old)
+    tmp.replace(path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -45,3 +45,29 @@ def tiny_vlm(tokenizer):
 def samples():
     """The first eight samples of the shipped val split."""
     return load_split(split_path(data_path("vqa"), "val"))[:8]
+
+
+@pytest.fixture(scope="session")
+def notebook_results(tmp_path_factory):
+    """Run a tutorial notebook in smoke mode through papermill; return (results dict, seconds).
+
+    The kernel is the venv's (``knoblib``), the working directory the notebook's folder,
+    each cell has a timeout, and MPLBACKEND is unset so figures are kept.
+    """
+    import json
+
+    from knoblib.tutorial import NOTEBOOK_DIR, execute
+
+    out_dir = tmp_path_factory.mktemp("notebooks")
+    results_dir = out_dir / "results"
+    results_dir.mkdir()
+    cache = {}
+
+    def run(name: str):
+        if name not in cache:
+            seconds = execute(NOTEBOOK_DIR / f"{name}.ipynb", out_dir / f"{name}.ipynb", True, results_dir, timeout_s=300)
+            results = json.loads((results_dir / f"{name}.json").read_text())
+            cache[name] = (results, seconds, out_dir / f"{name}.ipynb")
+        return cache[name]
+
+    return run

@@ -18,6 +18,7 @@ from knoblib.vlm import (
     KNOBLIB_CONFIG_NAME,
     GenerationOutput,
     KnobVLM,
+    VLMConfig,
     make_crops,
     tier_num_crops,
 )
@@ -47,8 +48,13 @@ def vlm(tiny_vlm):
 
 @pytest.fixture(scope="module")
 def batch(samples):
-    """Three rows whose questions have different lengths (so left padding matters)."""
-    rows = samples[:3]
+    """Three rows whose questions have different lengths (so left padding matters).
+
+    Val samples 2, 4, 6 (binding, color, count; 7, 6 and 8 words): the greedy tokens of
+    the seeded model vary for them, which the comparisons below need.
+    """
+    rows = [samples[i] for i in (2, 4, 6)]
+    assert len({len(s.question.split()) for s in rows}) == 3, [s.question for s in rows]
     return [s.image() for s in rows], [s.question for s in rows]
 
 
@@ -438,7 +444,8 @@ def test_resumable_mode_a_validates_decisions(vlm, batch):
 # --- 8. the tier changes the work ----------------------------------------------------
 def test_tier_sets_crops_and_image_tokens(vlm, samples):
     image = samples[0].image()
-    assert vlm.tokens_per_crop == 16  # (16 px crop / patch 4)^2
+    assert VLMConfig().patch_size == vlm.vlm_config.patch_size == 8
+    assert vlm.tokens_per_crop == 4  # (16 px crop / patch 8)^2
     expected_crops = {"low": 1, "medium": 5, "high": 10}
     for tier, crops in expected_crops.items():
         assert tier_num_crops(tier) == crops
@@ -447,16 +454,42 @@ def test_tier_sets_crops_and_image_tokens(vlm, samples):
         assert cut.dtype == torch.float32 and cut.min() >= -1 and cut.max() <= 1
         inputs = vlm.build_inputs([image, samples[1].image()], [samples[0].question, samples[1].question], [tier] * 2)
         image_tokens = (inputs["input_ids"] == vlm.image_token_id).sum(1)
-        assert image_tokens.tolist() == [crops * vlm.tokens_per_crop] * 2 == [16 * crops] * 2
+        assert image_tokens.tolist() == [crops * vlm.tokens_per_crop] * 2 == [4 * crops] * 2
         assert inputs["pixel_values"].shape == (2 * crops, 3, 16, 16)
     # The global crop is the same view at every tier.
     assert torch.equal(make_crops(image, "low")[0], make_crops(image, "high")[0])
     # Mixed tiers in a batch: each row gets its own crops.
     mixed = vlm.build_inputs([image] * 3, [samples[0].question] * 3, ["low", "medium", "high"])
-    assert (mixed["input_ids"] == vlm.image_token_id).sum(1).tolist() == [16, 80, 160]
+    assert (mixed["input_ids"] == vlm.image_token_id).sum(1).tolist() == [4, 20, 40]
     assert mixed["pixel_values"].shape[0] == 16
     with pytest.raises(ValueError, match="tier"):
         make_crops(image, "ultra")
+
+
+def test_prompt_is_bos_question_then_image_tokens(vlm, samples):
+    tok = vlm.tokenizer
+    short, long = sorted(samples[:8], key=lambda s: len(s.question.split()))[:: len(samples[:8]) - 1]
+    assert len(short.question.split()) < len(long.question.split())
+    rows = [short, long]
+    inputs = vlm.build_inputs(
+        [s.image() for s in rows], [s.question for s in rows], ["medium"] * 2, answers=[s.answer for s in rows]
+    )
+    width = inputs["input_ids"].shape[1]
+    for i, s in enumerate(rows):
+        question = tok(s.question, add_special_tokens=False)["input_ids"]
+        answer = tok(s.answer, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in question + answer
+        expected = [tok.bos_token_id] + question + [vlm.image_token_id] * 20 + answer + [tok.eos_token_id]
+        pad = width - len(expected)
+        assert inputs["input_ids"][i].tolist() == [tok.pad_token_id] * pad + expected  # left padding
+        assert inputs["attention_mask"][i].tolist() == [0] * pad + [1] * len(expected)
+        labels = [-100] * (pad + 1 + len(question) + 20) + answer + [tok.eos_token_id]
+        assert inputs["labels"][i].tolist() == labels
+    assert inputs["attention_mask"][1].all()  # the longer question needs no padding
+    # Without answers the prompt ends with the image tokens: the answer is generated right after them.
+    prompt = vlm.build_inputs([long.image()], [long.question], ["low"])["input_ids"][0].tolist()
+    assert prompt[0] == tok.bos_token_id and prompt[-4:] == [vlm.image_token_id] * 4
+    assert vlm.tokenizer.decode(prompt[1:-4]) == long.question
 
 
 # --- 9. bad inputs raise clear errors -------------------------------------------------

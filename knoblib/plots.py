@@ -1,0 +1,725 @@
+"""Figures for the tutorial notebooks and the CLI (matplotlib).
+
+Every function takes plain data (lists, dicts, tensors, arrays, the package's own
+dataclasses), draws one new figure, does no I/O and returns the ``matplotlib.figure.Figure``.
+In a notebook the returned figure is shown inline; elsewhere save it with
+``fig.savefig(path)``. Nothing here sets a matplotlib backend: an inherited
+``MPLBACKEND=Agg`` would silently drop the figures of executed notebooks (DESIGN.md
+section 6).
+
+| function | what it shows |
+|---|---|
+| :func:`show_samples` | a grid of scenes with question / answer titles |
+| :func:`show_crops`, :func:`show_tiers` | the crops the vision tower sees for a tier (or every tier) |
+| :func:`plot_knob_table` | accuracy per question family and latency, each knob moved alone |
+| :func:`plot_pareto` (+ :func:`pareto_front`) | accuracy vs profiled latency of every fixed configuration |
+| :func:`plot_block_importance` | accuracy lost when each block alone is removed |
+| :func:`plot_latency_breakdown` | latency per value of each knob |
+| :func:`plot_budgets` | sampled training budgets, the evaluation sweep, the achievable latencies |
+| :func:`plot_stage1_distribution` | how Stage 1's choice probabilities move with the budget |
+| :func:`plot_budget_encoding` | heatmaps of sinusoidal budget features across the budget range |
+| :func:`plot_similarity_matrix` | a labelled square matrix (e.g. cosine similarity of question features) |
+| :func:`plot_sweep` | accuracy and violation rate vs budget per policy |
+| :func:`plot_training_curves` | metrics per training step, runs overlaid |
+| :func:`plot_forward_counts` | forwards per request and measured time per training mode |
+| :func:`plot_timings` | a labelled bar chart of measured times |
+| :func:`plot_reward_curves` | reward against latency / budget per reward formula |
+| :func:`plot_policy_update` | per rollout: advantage and the change of its log-probability |
+| :func:`live_training_curves` | a trainer callback redrawing ``plot_training_curves`` in place |
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from .data import FAMILIES
+from .knobs import TIERS, KnobConfig
+from .latency import KNOB_FIELDS, LatencyTable
+
+# One color per tier and per question family, used consistently across figures.
+TIER_COLORS = {"low": "#1b9e77", "medium": "#d95f02", "high": "#7570b3"}
+FAMILY_COLORS = {"all": "#444444", "color": "#e41a1c", "mark": "#377eb8", "relation": "#4daf4a", "count": "#984ea3"}
+
+
+# --- helpers --------------------------------------------------------------------------
+def _array(x: Any) -> np.ndarray:
+    """A float numpy array from a tensor, array or nested list."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def _grid(n: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    """A figure with ``n`` panels in rows of ``ncols``; unused panels are hidden. Returns (fig, axes (n,))."""
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _as_dict(row: Any) -> dict:
+    """A sweep row (``SweepRow`` or its dict) as a dict."""
+    if isinstance(row, Mapping):
+        return dict(row)
+    if hasattr(row, "as_dict"):
+        return row.as_dict()
+    raise TypeError(f"expected a SweepRow or a dict, got {type(row).__name__}")
+
+
+def _label(value: float) -> str:
+    """A bar label: 3 significant digits, never scientific notation."""
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def _image_hwc(image: torch.Tensor) -> np.ndarray:
+    """uint8 (3, H, W) or float (3, H, W) in [-1, 1] -> float (H, W, 3) in [0, 1] for imshow."""
+    x = image.detach().cpu()
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    else:
+        x = (x.float() + 1.0) / 2.0
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+# --- data ------------------------------------------------------------------------------
+def show_samples(samples: Sequence, n: int = 8, ncols: int = 4, width: int = 32) -> Figure:
+    """A grid of the first ``n`` samples: each scene with its question, answer and family.
+
+    Args:
+        samples: ``VQASample`` objects (anything with ``image()``, ``question``,
+            ``answer`` and ``family``).
+        n: how many to show.
+        ncols: panels per row.
+        width: characters per title line (long questions wrap).
+    """
+    shown = list(samples)[:n]
+    if not shown:
+        raise ValueError("show_samples needs at least one sample")
+    fig, axes = _grid(len(shown), ncols, (2.6, 3.3))
+    for ax, s in zip(axes, shown):
+        ax.imshow(_image_hwc(s.image()), interpolation="nearest")
+        title = textwrap.fill(s.question, width) + f"\n-> {s.answer}  [{s.family}]"
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def show_crops(image: torch.Tensor, tier: str) -> Figure:
+    """The crops of one tier, as the vision tower sees them (16x16 each, shown enlarged).
+
+    Args:
+        image: uint8 tensor (3, 48, 48).
+        tier: ``low``, ``medium`` or ``high``.
+    """
+    from .vlm import make_crops
+
+    crops = make_crops(image, tier)
+    fig, axes = _grid(len(crops), len(crops), (1.6, 1.9))
+    for i, (ax, crop) in enumerate(zip(axes, crops)):
+        ax.imshow(_image_hwc(crop), interpolation="nearest")
+        ax.set_title("global" if i == 0 else f"tile {i}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"tier {tier}: {len(crops)} crop(s)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def show_tiers(image: torch.Tensor, tiers: Sequence[str] = TIERS) -> Figure:
+    """Every tier's crops side by side, one row per tier, with the original image first.
+
+    Args:
+        image: uint8 tensor (3, 48, 48).
+        tiers: the tiers to show, one row each.
+    """
+    from .vlm import make_crops
+
+    crops = {t: make_crops(image, t) for t in tiers}
+    ncols = 1 + max(len(c) for c in crops.values())
+    fig, axes = plt.subplots(len(tiers), ncols, figsize=(1.5 * ncols, 1.7 * len(tiers)), squeeze=False)
+    for row, tier in enumerate(tiers):
+        axes[row, 0].imshow(_image_hwc(image), interpolation="nearest")
+        axes[row, 0].set_title("image 48x48" if row == 0 else "", fontsize=8)
+        axes[row, 0].set_ylabel(f"{tier}\n({len(crops[tier])} crops)", fontsize=9)
+        for col in range(1, ncols):
+            ax = axes[row, col]
+            if col - 1 < len(crops[tier]):
+                ax.imshow(_image_hwc(crops[tier][col - 1]), interpolation="nearest")
+                ax.set_title("global" if col == 1 else f"tile {col - 1}", fontsize=7)
+            else:
+                ax.set_frame_on(False)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+# --- accuracy and latency of fixed configurations --------------------------------------
+def plot_knob_table(rows: Sequence[Mapping], families: Sequence[str] = FAMILIES) -> Figure:
+    """Accuracy per question family (and overall) and latency, each knob moved alone.
+
+    Args:
+        rows: the ``rows`` of ``data/knob_table.json`` (``python -m knoblib knob-table``),
+            each with keys ``name``, ``knobs``, ``all``, one per family,
+            ``latency_ms`` and ``latency_vs_full``.
+        families: the family keys to draw.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("plot_knob_table needs at least one row")
+    names = [r["name"] for r in rows]
+    keys = ["all", *families]
+    x = np.arange(len(rows))
+    width = 0.8 / len(keys)
+    fig, (ax_acc, ax_lat) = plt.subplots(
+        2, 1, figsize=(max(7.0, 0.9 * len(rows)), 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
+    for i, key in enumerate(keys):
+        values = [100 * float(r[key]) for r in rows]
+        ax_acc.bar(x + (i - (len(keys) - 1) / 2) * width, values, width, label=key, color=FAMILY_COLORS.get(key))
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_ylim(0, 105)
+    ax_acc.legend(ncol=len(keys), fontsize=8, loc="upper right")
+    ax_acc.set_title("each knob moved alone from the full configuration")
+    ax_acc.grid(axis="y", alpha=0.3)
+    ratio = [float(r["latency_vs_full"]) for r in rows]
+    bars = ax_lat.bar(x, ratio, 0.6, color="#888888")
+    for bar, r in zip(bars, rows):
+        ax_lat.annotate(f"{float(r['latency_ms']):.0f} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax_lat.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax_lat.set_ylabel("latency / full")
+    ax_lat.set_ylim(0, max(ratio) * 1.25)
+    ax_lat.set_xticks(x)
+    ax_lat.set_xticklabels([f"{n}\n{r.get('knobs', '')}" for n, r in zip(names, rows)], fontsize=7, rotation=30, ha="right")
+    fig.tight_layout()
+    return fig
+
+
+def pareto_front(
+    config_accuracy: Mapping[KnobConfig, Mapping[str, float]], table: LatencyTable, key: str = "all"
+) -> list[KnobConfig]:
+    """The Pareto-optimal configurations: no other is both at least as fast and more accurate.
+
+    Returns them sorted by latency (fastest first); only configurations present in both
+    ``config_accuracy`` and ``table`` count.
+    """
+    configs = [k for k in config_accuracy if k in table]
+    ordered = sorted(configs, key=lambda k: (table.latency(k), -config_accuracy[k][key]))
+    front, best = [], -math.inf
+    for k in ordered:
+        if config_accuracy[k][key] > best:
+            front.append(k)
+            best = config_accuracy[k][key]
+    return front
+
+
+def plot_pareto(
+    config_accuracy: Mapping[KnobConfig, Mapping[str, float]],
+    table: LatencyTable,
+    highlight: KnobConfig | Mapping[str, KnobConfig] | Sequence[KnobConfig] | None = None,
+    key: str = "all",
+) -> Figure:
+    """Accuracy vs profiled latency of every fixed configuration, Pareto front drawn, colored by tier.
+
+    Args:
+        config_accuracy: configuration -> {"all": ..., family: ...} (``config_accuracy`` /
+            ``load_config_accuracy``).
+        table: the profiled latencies.
+        highlight: configurations to mark: one ``KnobConfig``, a list, or {label: KnobConfig}.
+        key: which accuracy to plot (``all`` or a family).
+    """
+    configs = [k for k in config_accuracy if k in table]
+    if not configs:
+        raise ValueError("no configuration has both an accuracy and a latency")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for tier in TIERS:
+        ks = [k for k in configs if k.tier == tier]
+        if ks:
+            ax.scatter([table.latency(k) for k in ks], [100 * config_accuracy[k][key] for k in ks],
+                       s=22, alpha=0.75, color=TIER_COLORS[tier], label=f"tier {tier}")
+    front = pareto_front(config_accuracy, table, key)
+    # The front holds until the slowest configuration: extend the last step to it.
+    fx = [table.latency(k) for k in front] + [max(table.latency(k) for k in configs)]
+    fy = [100 * config_accuracy[k][key] for k in front]
+    fy.append(fy[-1])
+    ax.step(fx, fy, where="post", color="black", lw=1.2, label=f"Pareto front ({len(front)})")
+    if highlight is not None:
+        if isinstance(highlight, KnobConfig):
+            marks = {highlight.short(): highlight}
+        elif isinstance(highlight, Mapping):
+            marks = dict(highlight)
+        else:
+            marks = {k.short(): k for k in highlight}
+        # Several labels may mark one configuration (e.g. the lookup pick at several budgets): one annotation.
+        labels_by_config: dict[KnobConfig, list[str]] = {}
+        for label, k in marks.items():
+            if k in table and k in config_accuracy:
+                labels_by_config.setdefault(k, []).append(str(label))
+        for k, labels in labels_by_config.items():
+            x, y = table.latency(k), 100 * config_accuracy[k][key]
+            ax.scatter([x], [y], s=140, facecolors="none", edgecolors="red", linewidths=1.8)
+            ax.annotate(textwrap.fill(", ".join(labels), 28), (x, y), xytext=(6, -12), textcoords="offset points",
+                        fontsize=7, color="red", va="top")
+    ys = [100 * config_accuracy[k][key] for k in configs]
+    low, high = min(ys), max(ys)
+    if high - low < 10:  # a flat cloud: keep a readable span instead of zooming into noise
+        low, high = (low + high) / 2 - 5, (low + high) / 2 + 5
+    pad = 0.08 * (high - low)
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_xlabel("profiled latency, batch 1 (ms)")
+    ax.set_ylabel(f"accuracy {key} (%)")
+    ax.set_title(f"{len(configs)} fixed configurations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_block_importance(importance: Sequence[float] | Mapping, drop_order: Sequence[int] | None = None) -> Figure:
+    """Accuracy points lost when each block alone is removed (higher = more important).
+
+    Args:
+        importance: L floats (accuracy drop, as fractions), or the dict returned by
+            ``block_importance`` / stored in ``block_importance.json`` (keys
+            ``importance`` and optionally ``drop_order``, ``full_accuracy``).
+        drop_order: blocks in the order ``num_active_blocks`` drops them (least important
+            first); annotated on the bars when given.
+    """
+    title = "accuracy lost when one block is removed"
+    if isinstance(importance, Mapping):
+        drop_order = importance.get("drop_order", drop_order)
+        if importance.get("full_accuracy") is not None:
+            title += f" (full: {100 * importance['full_accuracy']:.1f}%)"
+        importance = importance["importance"]
+    values = 100 * _array(importance)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(values)), 3.6))
+    colors = ["#b2182b" if i == 0 else "#4393c3" for i in range(len(values))]
+    bars = ax.bar(np.arange(len(values)), values, color=colors)
+    if drop_order is not None:
+        for rank, block in enumerate(drop_order):
+            bar = bars[block]
+            ax.annotate(f"drop #{rank + 1}", (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0)),
+                        ha="center", va="bottom", fontsize=7)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(np.arange(len(values)))
+    ax.set_xlabel("block (0 is never dropped)")
+    ax.set_ylabel("accuracy drop (points)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_latency_breakdown(table: LatencyTable) -> Figure:
+    """Latency per value of each knob: every configuration as a dot, the median as a bar.
+
+    One panel per knob (tier, insertion position, top-k, active blocks), plus the
+    vision tower's share per tier when the table measured it.
+    """
+    rows = table.to_rows()
+    panels = list(KNOB_FIELDS) + (["vision"] if table.vision_ms else [])
+    fig, axes = _grid(len(panels), len(panels), (2.7, 3.4))
+    for ax, knob in zip(axes, panels):
+        if knob == "vision":
+            tiers = [t for t in TIERS if t in table.vision_ms]
+            ax.bar(range(len(tiers)), [table.vision_ms[t] for t in tiers], color=[TIER_COLORS[t] for t in tiers])
+            ax.set_xticks(range(len(tiers)))
+            ax.set_xticklabels(tiers)
+            ax.set_title("vision tower (ms)", fontsize=9)
+            continue
+        values = sorted({r[knob] for r in rows}, key=lambda v: TIERS.index(v) if knob == "tier" else v)
+        medians = []
+        for i, v in enumerate(values):
+            lat = [r["latency_ms"] for r in rows if r[knob] == v]
+            medians.append(float(np.median(lat)))
+            jitter = np.linspace(-0.2, 0.2, len(lat)) if len(lat) > 1 else np.zeros(1)
+            ax.scatter(i + jitter, lat, s=8, alpha=0.6, color="#555555")
+        ax.bar(range(len(values)), medians, 0.6, alpha=0.35, color="#1f78b4")
+        ax.set_xticks(range(len(values)))
+        ax.set_xticklabels([str(v) for v in values])
+        ax.set_title(knob.replace("_", " "), fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("latency (ms)")
+    fig.suptitle("latency of every configuration, grouped by each knob's value (bar = median)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_budgets(
+    sampled_ms: Sequence[float] | torch.Tensor,
+    sweep_ms: Sequence[float] | torch.Tensor | None = None,
+    latencies_ms: Sequence[float] | torch.Tensor | None = None,
+    bins: int = 30,
+) -> Figure:
+    """Histogram of sampled training budgets, the evaluation sweep and the achievable latencies.
+
+    Args:
+        sampled_ms: budgets from ``BudgetSampler.sample``.
+        sweep_ms: evaluation budgets (``BudgetSampler.sweep``), drawn as vertical lines.
+        latencies_ms: the profiled latencies of every configuration, drawn as a rug.
+        bins: histogram bins.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    ax.hist(_array(sampled_ms), bins=bins, color="#a6cee3", edgecolor="white", label="sampled training budgets")
+    if sweep_ms is not None:
+        for i, b in enumerate(_array(sweep_ms)):
+            ax.axvline(b, color="#e31a1c", lw=1, ls="--", label="evaluation sweep" if i == 0 else None)
+    if latencies_ms is not None:
+        lat = _array(latencies_ms)
+        ax.plot(lat, np.zeros_like(lat), "|", color="black", ms=14, label="configuration latencies")
+    ax.set_xlabel("budget (ms)")
+    ax.set_ylabel("count")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# --- controller -----------------------------------------------------------------------
+def plot_stage1_distribution(
+    probs_by_budget: Mapping[str, Any] | Any,
+    budgets: Sequence[float] | torch.Tensor,
+    labels: Mapping[str, Sequence[str]] | Sequence[str],
+    ncols: int = 3,
+) -> Figure:
+    """How Stage 1's choice probabilities move with the budget: stacked areas, one panel per head.
+
+    Args:
+        probs_by_budget: {panel title: probabilities (len(budgets), K)}, e.g.
+            ``{"tier": ..., "insertion position": ...}`` or one entry per question family;
+            a single array draws one panel.
+        budgets: the budgets (ms), the x axis.
+        labels: {panel title: K option labels}, or one list used for every panel.
+        ncols: panels per row.
+    """
+    if not isinstance(probs_by_budget, Mapping):
+        probs_by_budget = {"probability": probs_by_budget}
+    x = _array(budgets)
+    fig, axes = _grid(len(probs_by_budget), ncols, (4.2, 3.2))
+    for ax, (title, probs) in zip(axes, probs_by_budget.items()):
+        p = _array(probs)
+        if p.ndim != 2 or p.shape[0] != len(x):
+            raise ValueError(f"probabilities for {title!r} have shape {p.shape}: expected ({len(x)}, K)")
+        names = labels[title] if isinstance(labels, Mapping) else labels
+        cmap = plt.get_cmap("tab10")
+        colors = [TIER_COLORS.get(str(n), cmap(i)) for i, n in enumerate(names)]
+        ax.stackplot(x, p.T, labels=[str(n) for n in names], colors=colors, alpha=0.85)
+        ax.set_xlim(x.min(), x.max())
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("budget (ms)")
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("probability")
+    fig.tight_layout()
+    return fig
+
+
+def plot_budget_encoding(
+    budgets: Sequence[float] | torch.Tensor, encodings: Mapping[str, Any] | Any
+) -> Figure:
+    """Heatmaps of budget features (features x budgets), side by side for comparison.
+
+    Args:
+        budgets: the budgets (ms), (N,), increasing.
+        encodings: {title: features (N, D)} (e.g. knoblib's sinusoidal encoding and the
+            original 10000^(2i/d) schedule), or one (N, D) array.
+    """
+    if not isinstance(encodings, Mapping):
+        encodings = {"encoding": encodings}
+    x = _array(budgets)
+    fig, axes = _grid(len(encodings), len(encodings), (4.6, 3.6))
+    for ax, (title, enc) in zip(axes, encodings.items()):
+        e = _array(enc)
+        if e.ndim != 2 or e.shape[0] != len(x):
+            raise ValueError(f"encoding {title!r} has shape {e.shape}: expected ({len(x)}, D)")
+        image = ax.imshow(e.T, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, origin="lower",
+                          extent=(x.min(), x.max(), -0.5, e.shape[1] - 0.5), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("budget (ms)")
+        ax.set_ylabel("feature")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def plot_similarity_matrix(matrix: Any, labels: Sequence[str], title: str = "cosine similarity") -> Figure:
+    """A labelled square matrix with its values written in the cells.
+
+    Args:
+        matrix: (K, K) values, e.g. cosine similarities between question families' features.
+        labels: K row / column labels.
+        title: the figure title.
+    """
+    m = _array(matrix)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(labels):
+        raise ValueError(f"matrix has shape {m.shape}: expected ({len(labels)}, {len(labels)})")
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels), 0.6 + 0.8 * len(labels)))
+    image = ax.imshow(m, cmap="viridis", vmin=min(0.0, float(m.min())), vmax=1.0)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if m[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+# --- evaluation and training ----------------------------------------------------------
+def plot_sweep(rows: Sequence[Any]) -> Figure:
+    """Accuracy vs budget and violation rate vs budget, one line per policy (two panels).
+
+    Args:
+        rows: ``knoblib.evaluate.SweepRow`` objects or their dicts (keys ``policy``,
+            ``budget_ms``, ``accuracy``, ``violation_rate``), as in ``data/eval/sweep.json``.
+    """
+    rows = [_as_dict(r) for r in rows]
+    if not rows:
+        raise ValueError("plot_sweep needs at least one row")
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, (ax_acc, ax_vio) = plt.subplots(1, 2, figsize=(11, 4))
+    markers = "osD^v<>"
+    for i, policy in enumerate(policies):
+        pr = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget_ms"])
+        b = [r["budget_ms"] for r in pr]
+        style = {"marker": markers[i % len(markers)], "ms": 4, "label": policy}
+        ax_acc.plot(b, [100 * r["accuracy"] for r in pr], **style)
+        ax_vio.plot(b, [100 * r["violation_rate"] for r in pr], **style)
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_title("accuracy vs budget")
+    ax_vio.set_ylabel("budget violations (%)")
+    ax_vio.set_title("violation rate vs budget")
+    for ax in (ax_acc, ax_vio):
+        ax.set_xlabel("latency budget (ms)")
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(
+    history: Sequence[Mapping], keys: Sequence[str], by: str | None = None, x: str = "step", ncols: int = 3
+) -> Figure:
+    """Metrics per training step, one panel per key; runs overlaid when ``by`` groups them.
+
+    Args:
+        history: metric dicts, one per step (``JointGRPOTrainer.history`` or the lines of
+            ``metrics.jsonl``), possibly from several runs concatenated.
+        keys: the metrics to draw (entries without a key, e.g. validation metrics logged
+            only every few steps, are skipped for that key).
+        by: a key whose value names the run of each entry (e.g. ``"mode"``); one line per value.
+        x: the x-axis key (the entry's position in its run when absent).
+        ncols: panels per row.
+    """
+    history = list(history)
+    keys = list(keys)
+    if not keys:
+        raise ValueError("plot_training_curves needs at least one key")
+    groups: dict[str, list[Mapping]] = {}
+    for entry in history:
+        groups.setdefault(str(entry.get(by)) if by is not None else "", []).append(entry)
+    fig, axes = _grid(len(keys), ncols, (4.0, 3.0))
+    for ax, key in zip(axes, keys):
+        for name, entries in groups.items():
+            pts = [(e.get(x, i + 1), e[key]) for i, e in enumerate(entries) if e.get(key) is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, ms=3, label=name or None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        if by is not None:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_forward_counts(
+    counts: Mapping[str, Mapping[str, float]], times_s: Mapping[str, float] | None = None, time_label: str = "step time (s)"
+) -> Figure:
+    """Forwards per request per training mode (stacked partial + full) and, optionally, measured time.
+
+    Args:
+        counts: mode -> {"partial": forwards per request, "full": forwards per request},
+            e.g. from ``JointGRPOTrainer.train_step`` metrics divided by the batch size.
+        times_s: mode -> measured seconds (e.g. mean step time), a second panel.
+        time_label: y label of the time panel.
+    """
+    modes = list(counts)
+    if not modes:
+        raise ValueError("plot_forward_counts needs at least one mode")
+    partial = np.array([float(counts[m].get("partial", 0.0)) for m in modes])
+    full = np.array([float(counts[m].get("full", 0.0)) for m in modes])
+    npanels = 2 if times_s is not None else 1
+    fig, axes = plt.subplots(1, npanels, figsize=(4.6 * npanels, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    xs = np.arange(len(modes))
+    ax.bar(xs, partial, 0.6, label="partial forwards (blocks < p)", color="#fdbf6f")
+    ax.bar(xs, full, 0.6, bottom=partial, label="full forwards (generate)", color="#1f78b4")
+    for i, total in enumerate(partial + full):
+        ax.annotate(f"{total:g}", (i, total), ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(modes)
+    ax.set_ylabel("forwards per request")
+    ax.set_ylim(0, max(partial + full) * 1.2 + 1e-9)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("counted forwards", fontsize=10)
+    if times_s is not None:
+        ax = axes[0, 1]
+        values = [float(times_s[m]) for m in modes]
+        ax.bar(xs, values, 0.6, color="#33a02c")
+        for i, v in enumerate(values):
+            ax.annotate(_label(v), (i, v), ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(modes)
+        ax.set_ylabel(time_label)
+        ax.set_ylim(0, max(values) * 1.2 + 1e-9)
+        ax.set_title("measured on this machine", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_timings(times: Mapping[str, float], ylabel: str = "time (ms)", title: str | None = None) -> Figure:
+    """A bar per measured time, each labelled with its value.
+
+    Args:
+        times: label -> time.
+        ylabel: unit of the times.
+        title: optional figure title.
+    """
+    if not times:
+        raise ValueError("plot_timings needs at least one time")
+    labels = list(times)
+    values = [float(times[k]) for k in labels]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 * len(labels)), 3.4))
+    ax.bar(range(len(labels)), values, 0.6, color="#6a3d9a")
+    for i, v in enumerate(values):
+        ax.annotate(_label(v), (i, v), ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, max(values) * 1.2 + 1e-9)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# --- used by notebooks 04/05
+def plot_reward_curves(
+    ratio: Sequence[float] | torch.Tensor,
+    curves: Mapping[str, Any],
+    points: Mapping[str, tuple[Any, Any]] | None = None,
+) -> Figure:
+    """Reward against latency / budget: one line per reward formula, rollouts as dots.
+
+    Args:
+        ratio: (M,) latency / budget values, the x axis.
+        curves: {label: (M,) rewards at those ratios}, e.g. ``compute_reward`` and
+            ``original_reward`` for a correct and a wrong answer.
+        points: {label: (ratios (n,), rewards (n,))} scattered on top (e.g. one step's rollouts).
+    """
+    x = _array(ratio)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for label, y in curves.items():
+        ax.plot(x, _array(y), lw=1.6, ls="--" if "original" in label else "-", label=label)
+    for i, (label, (px, py)) in enumerate((points or {}).items()):
+        ax.scatter(_array(px), _array(py), s=36, marker="ox^s"[i % 4], zorder=3, label=label)
+    ax.axvline(1.0, color="black", lw=0.8, ls=":")
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xlabel("latency / budget")
+    ax.set_ylabel("reward")
+    ax.set_title("reward vs latency/budget (right of the dotted line: over budget)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_policy_update(
+    advantages: Sequence[float] | torch.Tensor,
+    delta_log_prob: Sequence[float] | torch.Tensor,
+    group_size: int,
+    labels: Sequence[str] | None = None,
+) -> Figure:
+    """Per rollout: its advantage and the change of its log-probability after an update (two panels).
+
+    Args:
+        advantages: (N,) group-normalised advantages, rows grouped by request.
+        delta_log_prob: (N,) log pi_new(c_i) - log pi_old(c_i).
+        group_size: G, rollouts per request (groups are shaded alternately).
+        labels: N x-tick labels (e.g. ``KnobConfig.short()``).
+    """
+    adv, delta = _array(advantages), _array(delta_log_prob)
+    if adv.shape != delta.shape or adv.ndim != 1:
+        raise ValueError(f"advantages {adv.shape} and delta_log_prob {delta.shape} must be the same (N,)")
+    xs = np.arange(len(adv))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.6 * len(adv)), 5.2), sharex=True)
+    for ax, values, title in ((axes[0], adv, "advantage A"), (axes[1], delta, "change of log pi(c) after the step")):
+        colors = ["#1a9850" if v > 0 else "#d73027" if v < 0 else "#999999" for v in adv]
+        ax.bar(xs, values, 0.7, color=colors)
+        for g in range(0, len(adv), 2 * group_size):
+            ax.axvspan(g - 0.5, g + group_size - 0.5, color="#eeeeee", zorder=0)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    agree = np.sign(adv) == np.sign(delta)
+    for x, ok, v in zip(xs, agree, delta):
+        if adv[x] != 0:
+            axes[1].annotate("ok" if ok else "x", (x, v), ha="center", va="bottom" if v >= 0 else "top", fontsize=7)
+    axes[1].set_xticks(xs)
+    axes[1].set_xticklabels(labels if labels is not None else [str(i) for i in xs], rotation=45, ha="right", fontsize=7)
+    fig.suptitle("both panels colored by the sign of the advantage (ok: moved that way); shaded: every other group", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def live_training_curves(keys: Sequence[str], every: int = 10, total_steps: int | None = None, by: str | None = None):
+    """A ``JointGRPOTrainer.train`` callback that redraws ``plot_training_curves`` in place (Jupyter).
+
+    The figure is replaced through an IPython display handle (``update_display``) every
+    ``every`` steps and at ``total_steps``, so a progress bar in the same cell stays
+    visible and an executed notebook keeps the last drawing.
+
+    Args:
+        keys, by: as in ``plot_training_curves``.
+        every: steps between redraws.
+        total_steps: the step that always redraws (the run's last).
+
+    Returns:
+        the callback ``callback(metrics)``; ``callback.history`` holds the metrics seen.
+    """
+    from IPython.display import Markdown, display
+
+    if every < 1:
+        raise ValueError(f"every={every} is invalid: must be >= 1")
+    handle = display(Markdown(f"*training curves: redrawn every {every} steps*"), display_id=True)
+    history: list[Mapping] = []
+
+    def callback(metrics: Mapping) -> None:
+        history.append(dict(metrics))
+        if len(history) % every == 0 or metrics.get("step") == total_steps:
+            fig = plot_training_curves(history, keys, by=by)
+            handle.update(fig)
+            plt.close(fig)
+
+    callback.history = history
+    return callback

@@ -1,0 +1,632 @@
+"""The budget explorer: pick a request, move the latency budget, watch the knobs.
+
+``BudgetExplorer`` holds the shipped pieces (VLM, latency table, per-configuration
+validation accuracy, the Mode-A and Mode-B controllers) and answers one question: *at
+this budget, which knobs does the controller choose for this request, what does the
+model answer with them, and does the configuration fit?* It also gives the static lookup
+table's choice at the same budget, the baseline a controller must beat.
+
+Every piece of logic the widgets run is a plain method here (``explain``, ``new_sample``,
+``render``, ``figure``): an exception inside an ipywidgets callback does not fail
+papermill (DESIGN.md section 6), so the notebook calls these once outside the widget and
+the tests call them directly. ``build_explorer_ui`` only wires widgets to them.
+
+The UI marks its parts with stable CSS classes (``CSS_CLASSES``) and writes one-line
+texts a browser test can parse::
+
+    knobs: tier=high p=2 top_k=4 blocks=8
+    answer: red (correct)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import numbers
+import re
+import textwrap
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from .data import VQASample, data_path, generate_split, load_split, split_path
+from .evaluate import LookupTablePolicy, load_config_accuracy
+from .features import LanguageFeatureExtractor
+from .knobs import KnobConfig
+from .latency import BudgetSampler, LatencyTable
+
+# The explorer's mode names -> how ``run_controller`` executes them (Mode A resumes its
+# forward at p, so it costs one forward like Mode B).
+MODES: dict[str, str] = {"A": "A-resumable", "B": "B"}
+
+# Stable CSS classes of the UI's parts (a browser test finds them by these).
+CSS_CLASSES: dict[str, str] = {
+    "root": "knoblib-explorer",
+    "sample": "knoblib-sample",
+    "new_sample": "knoblib-new-sample",
+    "mode": "knoblib-mode",
+    "budget": "knoblib-budget-slider",
+    "knobs": "knoblib-knobs",
+    "answer": "knoblib-answer",
+    "details": "knoblib-details",
+    "figure": "knoblib-figure",
+}
+
+BUDGET_RULE = "must be a finite number of milliseconds > 0"
+_KNOBS_RE = re.compile(r"knobs:\s*tier=(\w+)\s+p=(\d+)\s+top_k=(\d+)\s+blocks=(\d+)")
+
+
+def knobs_text(knobs: KnobConfig) -> str:
+    """``tier=high p=2 top_k=4 blocks=8``: the knobs as one parseable line."""
+    return f"tier={knobs.tier} p={knobs.insertion_position} top_k={knobs.top_k} blocks={knobs.num_active_blocks}"
+
+
+def parse_knobs(text: str) -> KnobConfig:
+    """The ``KnobConfig`` in the first ``knobs: tier=... p=... top_k=... blocks=...`` of ``text``."""
+    match = _KNOBS_RE.search(text)
+    if match is None:
+        raise ValueError(f"no 'knobs: tier=... p=... top_k=... blocks=...' line in {text[:200]!r}")
+    tier, p, k, n = match.groups()
+    return KnobConfig(tier, int(p), int(k), int(n))
+
+
+def _answer_text(answer: str, correct: bool, expected: str) -> str:
+    shown = answer if answer else "<empty>"
+    return f"{shown} (correct)" if correct else f"{shown} (wrong, expected {expected})"
+
+
+@dataclass(frozen=True)
+class ExplorerResult:
+    """What the controller did for one request at one budget, and the lookup table beside it.
+
+    Attributes:
+        sample: the request (image + question + true answer).
+        budget_ms: the latency budget.
+        mode: ``A`` (latency token, resumable forward) or ``B`` (all knobs before the run).
+        knobs: the four knobs the controller chose greedily.
+        answer: the VLM's answer with those knobs; correct: exact match with the truth.
+        latency_ms: the profiled batch-1 latency of ``knobs`` (the latency table).
+        val_accuracy: that configuration's validation accuracy as a fixed configuration
+            (None if it was not measured).
+        table_knobs / table_answer / table_correct / table_latency_ms / table_val_accuracy:
+            the same for the static lookup table at the same budget.
+    """
+
+    sample: VQASample
+    budget_ms: float
+    mode: str
+    knobs: KnobConfig
+    answer: str
+    correct: bool
+    latency_ms: float
+    val_accuracy: float | None
+    table_knobs: KnobConfig
+    table_answer: str
+    table_correct: bool
+    table_latency_ms: float
+    table_val_accuracy: float | None
+
+    @property
+    def latency_over_budget(self) -> float:
+        return self.latency_ms / self.budget_ms
+
+    @property
+    def violated(self) -> bool:
+        """True when the chosen configuration's latency exceeds the budget."""
+        return self.latency_ms > self.budget_ms
+
+    @property
+    def table_violated(self) -> bool:
+        return self.table_latency_ms > self.budget_ms
+
+    def knobs_line(self) -> str:
+        return f"knobs: {knobs_text(self.knobs)}"
+
+    def answer_line(self) -> str:
+        return f"answer: {_answer_text(self.answer, self.correct, self.sample.answer)}"
+
+    def as_dict(self) -> dict:
+        """A flat dict of str / float / int / bool values (for JSON)."""
+        return {
+            "uid": self.sample.uid,
+            "family": self.sample.family,
+            "question": self.sample.question,
+            "true_answer": self.sample.answer,
+            "budget_ms": float(self.budget_ms),
+            "mode": self.mode,
+            "knobs": self.knobs.short(),
+            "answer": self.answer,
+            "correct": bool(self.correct),
+            "latency_ms": float(self.latency_ms),
+            "latency_over_budget": float(self.latency_over_budget),
+            "violated": bool(self.violated),
+            "val_accuracy": self.val_accuracy,
+            "table_knobs": self.table_knobs.short(),
+            "table_answer": self.table_answer,
+            "table_correct": bool(self.table_correct),
+            "table_latency_ms": float(self.table_latency_ms),
+            "table_violated": bool(self.table_violated),
+            "table_val_accuracy": self.table_val_accuracy,
+        }
+
+
+def _sample_key(sample: VQASample) -> tuple:
+    # uids repeat across generator seeds' first samples, so the content is part of the key.
+    return (sample.uid, sample.question, sample.answer, json.dumps(sample.scene, sort_keys=True))
+
+
+class BudgetExplorer:
+    """Explain the controller's choice for one request at one budget.
+
+    Args:
+        vlm: the ``KnobVLM`` that answers.
+        controllers: ``{"A": Mode-A controller, "B": Mode-B controller}`` (either may be
+            left out); each controller's ``config.mode`` must equal its key.
+        table: the profiled latency of every configuration (``LatencyTable``).
+        config_accuracy: configuration -> {"all": validation accuracy, ...}, the lookup
+            table's ranking (``load_config_accuracy``).
+        samples: the requests to pick from by index (``new_sample`` adds more).
+        answer_tokens: most tokens decoded per answer (answers are one word + eos).
+        margin: the budget range is the table's achievable range widened by this
+            fraction at both ends (``BudgetSampler``), as in training.
+    """
+
+    def __init__(
+        self,
+        vlm,
+        controllers: Mapping[str, object],
+        table: LatencyTable,
+        config_accuracy: Mapping[KnobConfig, Mapping[str, float]],
+        samples: Sequence[VQASample],
+        answer_tokens: int = 3,
+        margin: float = 0.1,
+    ) -> None:
+        if not controllers:
+            raise ValueError(f"controllers is empty: give at least one of {list(MODES)}")
+        for name, controller in controllers.items():
+            if name not in MODES:
+                raise ValueError(f"controllers has key {name!r}: allowed {list(MODES)}")
+            if controller.config.mode != name:
+                raise ValueError(f"controllers[{name!r}] is a Mode-{controller.config.mode} controller")
+            if controller.knob_space != vlm.knob_space:
+                raise ValueError(
+                    f"controllers[{name!r}] has knob space {controller.knob_space}, the VLM {vlm.knob_space}"
+                )
+        table.check_space(vlm.knob_space)
+        if not config_accuracy:
+            raise ValueError("config_accuracy is empty: the lookup table needs per-configuration accuracies")
+        samples = list(samples)
+        if not samples:
+            raise ValueError("samples is empty: give at least one request")
+        if isinstance(answer_tokens, bool) or not isinstance(answer_tokens, int) or answer_tokens < 1:
+            raise ValueError(f"answer_tokens={answer_tokens!r} is invalid: must be an integer >= 1")
+        self.vlm = vlm.eval()
+        self.controllers = {m: controllers[m].eval() for m in MODES if m in controllers}
+        self.table = table
+        self.config_accuracy = dict(config_accuracy)
+        self.samples = samples
+        self.answer_tokens = answer_tokens
+        self.sampler = BudgetSampler(table, margin=margin)
+        self.lookup = LookupTablePolicy(table, self.config_accuracy)
+        self.language = LanguageFeatureExtractor.from_vlm(vlm)
+        self._cache: dict[tuple, ExplorerResult] = {}
+
+    @classmethod
+    def from_shipped(cls, num_samples: int = 8, split: str = "val", **kwargs) -> "BudgetExplorer":
+        """The explorer over the shipped assets in ``data/``: the VLM, latency table,
+        validation accuracies, both controllers and the first ``num_samples`` of ``split``."""
+        from .controller import TwoStageController
+        from .training import load_assets
+
+        vlm, table = load_assets()
+        controllers = {
+            mode: TwoStageController.load(
+                data_path(f"controller_{mode}"), expected_space=vlm.knob_space, expected_mode=mode
+            )
+            for mode in MODES
+        }
+        accuracy = load_config_accuracy(data_path("config_accuracy_val.json"))
+        samples = load_split(split_path(data_path("vqa"), split))[:num_samples]
+        return cls(vlm, controllers, table, accuracy, samples, **kwargs)
+
+    # --- inputs -----------------------------------------------------------------------
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes with a controller, e.g. ``("A", "B")``."""
+        return tuple(self.controllers)
+
+    @property
+    def budget_range(self) -> tuple[float, float]:
+        """(low, high) in ms: from a little below the fastest configuration to a little above the slowest."""
+        return self.sampler.low, self.sampler.high
+
+    def sample(self, which: int | VQASample) -> VQASample:
+        """The request at index ``which`` of ``samples``, or ``which`` itself if it is a ``VQASample``."""
+        if isinstance(which, VQASample):
+            return which
+        if isinstance(which, bool) or not isinstance(which, numbers.Integral):
+            raise TypeError(f"sample must be an index or a VQASample, got {type(which).__name__}")
+        which = int(which)
+        if not 0 <= which < len(self.samples):
+            raise ValueError(f"sample={which} is out of range: allowed 0..{len(self.samples) - 1}")
+        return self.samples[which]
+
+    @staticmethod
+    def check_budget(budget_ms: float) -> float:
+        """``budget_ms`` as a float; ValueError unless it is a finite number > 0."""
+        try:
+            if isinstance(budget_ms, (bool, str, bytes)):
+                raise TypeError
+            value = float(budget_ms)
+        except (TypeError, ValueError):
+            raise ValueError(f"budget_ms={budget_ms!r} is invalid: {BUDGET_RULE}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"budget_ms={budget_ms!r} is invalid: {BUDGET_RULE}")
+        return value
+
+    def check_mode(self, mode: str) -> str:
+        if mode not in self.controllers:
+            raise ValueError(f"mode={mode!r} is invalid: allowed {list(self.controllers)}")
+        return mode
+
+    # --- the callbacks ----------------------------------------------------------------
+    def explain(self, which: int | VQASample, budget_ms: float, mode: str = "B") -> ExplorerResult:
+        """The controller's greedy knobs for one request at one budget, its answer, the
+        profiled latency, and the lookup table's choice at the same budget."""
+        return self._run([self.sample(which)], [self.check_budget(budget_ms)], self.check_mode(mode))[0]
+
+    def explain_many(self, which: Sequence[int | VQASample], budget_ms: float, mode: str = "B") -> list[ExplorerResult]:
+        """``explain`` for several requests at one budget, as one batch."""
+        samples = [self.sample(w) for w in which]
+        if not samples:
+            raise ValueError("which is empty: give at least one request")
+        budget = self.check_budget(budget_ms)
+        return self._run(samples, [budget] * len(samples), self.check_mode(mode))
+
+    def budget_response(
+        self, which: int | VQASample, budgets_ms: Sequence[float] | None = None, mode: str = "B"
+    ) -> list[ExplorerResult]:
+        """``explain`` for one request at several budgets (default: 9 evenly spaced over
+        ``budget_range``), as one batch."""
+        sample = self.sample(which)
+        if budgets_ms is None:
+            low, high = self.budget_range
+            budgets_ms = torch.linspace(low, high, 9, dtype=torch.float64).tolist()
+        budgets = [self.check_budget(b) for b in budgets_ms]
+        if not budgets:
+            raise ValueError("budgets_ms is empty: give at least one budget")
+        return self._run([sample] * len(budgets), budgets, self.check_mode(mode))
+
+    def knobs_change(self, which: int | VQASample, mode: str = "B") -> bool:
+        """Whether the chosen knobs differ between the lowest and the highest budget."""
+        low, high = self.budget_response(which, list(self.budget_range), mode)
+        return low.knobs != high.knobs
+
+    def new_sample(self, seed: int) -> VQASample:
+        """A fresh request, ``generate_split(1, seed)``, appended to ``samples`` (index ``len(samples) - 1``)."""
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} is invalid: must be an integer >= 0")
+        sample = generate_split(1, seed)[0]
+        self.samples.append(sample)
+        return sample
+
+    @torch.no_grad()
+    def _run(self, samples: list[VQASample], budgets: list[float], mode: str) -> list[ExplorerResult]:
+        from .grpo import run_controller
+
+        keys = [(_sample_key(s), b, mode) for s, b in zip(samples, budgets)]
+        first_row: dict[tuple, int] = {}
+        for i, key in enumerate(keys):
+            if key not in self._cache:
+                first_row.setdefault(key, i)
+        todo = list(first_row.values())
+        if todo:
+            rows = [samples[i] for i in todo]
+            row_budgets = [budgets[i] for i in todo]
+            images = [s.image() for s in rows]
+            questions = [s.question for s in rows]
+            run = run_controller(
+                self.vlm, self.controllers[mode], self.language, images, questions,
+                torch.tensor(row_budgets, dtype=torch.float32), MODES[mode], self.answer_tokens, greedy=True,
+            )
+            table_knobs = [self.lookup.choose_one(b) for b in row_budgets]
+            table_answers = self.vlm.generate(images, questions, table_knobs, self.answer_tokens).answers
+            outcomes = zip(todo, rows, row_budgets, run.knobs, run.answers, table_knobs, table_answers)
+            for i, s, b, knobs, answer, tk, ta in outcomes:
+                self._cache[keys[i]] = ExplorerResult(
+                    sample=s,
+                    budget_ms=b,
+                    mode=mode,
+                    knobs=knobs,
+                    answer=answer,
+                    correct=answer == s.answer,
+                    latency_ms=self.table.latency(knobs),
+                    val_accuracy=self._accuracy(knobs),
+                    table_knobs=tk,
+                    table_answer=ta,
+                    table_correct=ta == s.answer,
+                    table_latency_ms=self.table.latency(tk),
+                    table_val_accuracy=self._accuracy(tk),
+                )
+        return [self._cache[key] for key in keys]
+
+    def _accuracy(self, knobs: KnobConfig) -> float | None:
+        row = self.config_accuracy.get(knobs)
+        return None if row is None else float(row["all"])
+
+    # --- showing a result -------------------------------------------------------------
+    @staticmethod
+    def render(result: ExplorerResult) -> str:
+        """A plain-text summary, one fact per line (``knobs:``, ``answer:``, ``latency:`` ...)."""
+
+        def fit(latency: float) -> str:
+            status = "VIOLATED" if latency > result.budget_ms else "within budget"
+            return f"{latency:.1f} ms = {latency / result.budget_ms:.2f} x budget ({status})"
+
+        def val(acc: float | None) -> str:
+            return "not measured" if acc is None else f"{100 * acc:.1f}%"
+
+        s = result.sample
+        return "\n".join(
+            [
+                f"request: {s.uid} [{s.family}] {s.question}",
+                f"budget: {result.budget_ms:.1f} ms (mode {result.mode})",
+                result.knobs_line(),
+                result.answer_line(),
+                f"latency: {fit(result.latency_ms)}",
+                f"val accuracy of these knobs as a fixed configuration: {val(result.val_accuracy)}",
+                f"lookup table: {knobs_text(result.table_knobs)} | answer: "
+                f"{_answer_text(result.table_answer, result.table_correct, s.answer)} | "
+                f"latency: {fit(result.table_latency_ms)} | val accuracy {val(result.table_val_accuracy)}",
+            ]
+        )
+
+    def figure(self, result: ExplorerResult):
+        """The request's image with question and answer, beside the Pareto plot of every fixed
+        configuration (accuracy vs latency) with the chosen and the lookup table's
+        configurations circled and the budget drawn as a vertical line.
+
+        Returns a closed ``matplotlib.figure.Figure`` (not shown automatically): show it as
+        a cell's last expression or ``display(fig)``; save it with ``fig.savefig``.
+        """
+        import matplotlib.pyplot as plt
+
+        from .plots import plot_pareto
+
+        if result.knobs == result.table_knobs:
+            marks = {f"Mode {result.mode} = lookup: {result.knobs.short()}": result.knobs}
+        else:
+            marks = {
+                f"Mode {result.mode}: {result.knobs.short()}": result.knobs,
+                f"lookup: {result.table_knobs.short()}": result.table_knobs,
+            }
+        fig = plot_pareto(self.config_accuracy, self.table, highlight=marks)
+        plt.close(fig)  # the caller decides where it is shown (the widget renders it to PNG)
+        pareto = fig.axes[0]
+        lo, hi = pareto.get_xlim()
+        lo, hi = min(lo, result.budget_ms * 0.97), max(hi, result.budget_ms * 1.03)
+        pareto.axvline(result.budget_ms, color="#e31a1c", ls="--", lw=1.5, label=f"budget {result.budget_ms:.1f} ms")
+        pareto.axvspan(result.budget_ms, hi, color="#e31a1c", alpha=0.06)
+        pareto.set_xlim(lo, hi)
+        pareto.set_ylim(-8, 104)  # full scale, room for labels below 0 %: the axes stay put as the budget moves
+        pareto.legend(fontsize=8, loc="best")
+        pareto.set_title(f"{pareto.get_title()}; shaded: over the budget", fontsize=10)
+        # Widen the figure and put the request's image on its left.
+        width, height = fig.get_size_inches()
+        extra = 3.4
+        total = width + extra
+        for ax in fig.axes:
+            box = ax.get_position()
+            ax.set_position([(extra + box.x0 * width) / total, box.y0, box.width * width / total, box.height])
+        fig.set_size_inches(total, height)
+        image_ax = fig.add_axes([0.25 / total, 0.2, (extra - 0.6) / total, 0.62])
+        image = result.sample.image().permute(1, 2, 0).numpy()
+        image_ax.imshow(image, interpolation="nearest")
+        image_ax.set_xticks([])
+        image_ax.set_yticks([])
+        image_ax.set_title(textwrap.fill(result.sample.question, 30), fontsize=9)
+        verdict = "correct" if result.correct else f"wrong, truth: {result.sample.answer}"
+        image_ax.set_xlabel(
+            f"answer: {result.answer or '<empty>'} ({verdict})\n{result.latency_ms:.1f} ms "
+            f"{'>' if result.violated else '<='} budget {result.budget_ms:.1f} ms",
+            fontsize=9,
+            color="#1a7f37" if result.correct else "#b2182b",
+        )
+        return fig
+
+
+    def response_figure(self, which: int | VQASample, budgets_ms: Sequence[float] | None = None):
+        """The profiled latency each mode's controller and the lookup table choose for one
+        request, against the budget (default: ``budget_response``'s 9 budgets). Points above
+        the diagonal violate the budget; filled markers answered correctly.
+
+        Returns a closed ``matplotlib.figure.Figure`` (see ``figure``).
+        """
+        import matplotlib.pyplot as plt
+
+        sample = self.sample(which)
+        runs = {f"Mode {m}": self.budget_response(sample, budgets_ms, m) for m in self.modes}
+        first = next(iter(runs.values()))
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        plt.close(fig)
+        budgets = [r.budget_ms for r in first]
+        ax.plot(budgets, budgets, color="#999999", ls="--", lw=1, label="latency = budget")
+        lines = {name: [(r.latency_ms, r.correct) for r in results] for name, results in runs.items()}
+        lines["lookup table"] = [(r.table_latency_ms, r.table_correct) for r in first]
+        knobs = {name: [r.knobs for r in results] for name, results in runs.items()}
+        knobs["lookup table"] = [r.table_knobs for r in first]
+        for (name, points), marker in zip(lines.items(), "osD"):
+            (line,) = ax.plot(budgets, [p[0] for p in points], marker=marker, ms=6, lw=1.2, label=name, mfc="none")
+            hits = [(b, p[0]) for b, p in zip(budgets, points) if p[1]]
+            if hits:
+                ax.plot(*zip(*hits), ls="none", marker=marker, ms=6, color=line.get_color())
+            # Label the knobs where they change (and at the start): the budget's effect, in words.
+            for i, (b, p) in enumerate(zip(budgets, points)):
+                if i == 0 or knobs[name][i] != knobs[name][i - 1]:
+                    ax.annotate(knobs[name][i].short(), (b, p[0]), xytext=(4, 5), textcoords="offset points",
+                                fontsize=7, color=line.get_color())
+        ax.set_xlabel("latency budget (ms)")
+        ax.set_ylabel("profiled latency of the chosen knobs (ms)")
+        ax.set_title(
+            f"request {sample.uid} [{sample.family}]: above the diagonal = over budget; filled = correct", fontsize=9
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+
+def format_results(results: Sequence[ExplorerResult]) -> str:
+    """A plain-text table, one line per result: budget, knobs, latency, fit, answer, and the lookup table's."""
+    head = (
+        f"{'budget ms':>9} {'mode':>4} | {'knobs':>14} {'latency':>8} {'fit':>8} {'answer':>12} | "
+        f"{'lookup':>14} {'latency':>8} {'answer':>12}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        mark = "" if r.correct else " x"
+        table_mark = "" if r.table_correct else " x"
+        lines.append(
+            f"{r.budget_ms:>9.1f} {r.mode:>4} | {r.knobs.short():>14} {r.latency_ms:>8.1f} "
+            f"{'VIOLATED' if r.violated else 'fits':>8} {(r.answer or '<empty>') + mark:>12} | "
+            f"{r.table_knobs.short():>14} {r.table_latency_ms:>8.1f} {(r.table_answer or '<empty>') + table_mark:>12}"
+        )
+    lines.append("(x = wrong answer)")
+    return "\n".join(lines)
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """PNG bytes of a matplotlib figure."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+# --- the widget -------------------------------------------------------------------------
+def find_widget(root, css_class: str):
+    """The first widget under ``root`` (depth first, ``root`` included) carrying ``css_class``."""
+    if css_class in getattr(root, "_dom_classes", ()):
+        return root
+    for child in getattr(root, "children", ()):
+        found = find_widget(child, css_class)
+        if found is not None:
+            return found
+    return None
+
+
+def build_explorer_ui(
+    explorer: BudgetExplorer,
+    sample: int = 0,
+    budget_ms: float | None = None,
+    mode: str = "B",
+    first_seed: int = 1000,
+):
+    """An ipywidgets UI over ``explorer``: request picker, "new sample" button, Stage-2 mode
+    toggle, budget slider (over ``explorer.budget_range``), and the knobs, answer,
+    details and figure of the current choice.
+
+    Args:
+        explorer: the ``BudgetExplorer``.
+        sample: the index of the request shown first.
+        budget_ms: the first budget (default: the middle of the range).
+        mode: the first mode (``A`` or ``B``).
+        first_seed: the "new sample" button draws ``generate_split(1, seed)`` with
+            seeds from here on.
+
+    Returns an ``ipywidgets.VBox``; find its parts with ``find_widget(ui, CSS_CLASSES[...])``.
+    Errors in a callback are shown in the details area (they would otherwise vanish).
+    """
+    import ipywidgets as w
+
+    explorer.sample(sample)
+    low, high = explorer.budget_range
+    budget_ms = (low + high) / 2 if budget_ms is None else explorer.check_budget(budget_ms)
+    explorer.check_mode(mode)
+
+    def sample_options():
+        return [(f"{i}: [{s.family}] {s.question}", i) for i, s in enumerate(explorer.samples)]
+
+    picker = w.Dropdown(options=sample_options(), value=sample, description="request", layout=w.Layout(width="520px"))
+    new_button = w.Button(description="new sample", icon="refresh", tooltip="draw a fresh request")
+    mode_toggle = w.ToggleButtons(
+        options=[(f"Mode {m}", m) for m in explorer.modes], value=mode, style={"button_width": "90px"},
+        tooltips=[f"Stage 2 input: {'latency token' if m == 'A' else 'language + budget'}" for m in explorer.modes],
+    )
+    slider = w.FloatSlider(
+        value=min(max(budget_ms, low), high), min=low, max=high, step=(high - low) / 200,
+        description="budget (ms)", continuous_update=False, readout_format=".1f",
+        layout=w.Layout(width="640px"), style={"description_width": "initial"},
+    )
+    knobs_label, answer_label, details = w.HTML(), w.HTML(), w.HTML()
+    figure_out = w.Output()
+    for widget, role in [
+        (picker, "sample"), (new_button, "new_sample"), (mode_toggle, "mode"), (slider, "budget"),
+        (knobs_label, "knobs"), (answer_label, "answer"), (details, "details"), (figure_out, "figure"),
+    ]:
+        widget.add_class(CSS_CLASSES[role])
+    state = {"seed": first_seed, "hold": False}
+
+    def refresh(_change=None) -> None:
+        if state["hold"]:
+            return
+        try:
+            result = explorer.explain(picker.value, slider.value, mode_toggle.value)
+            lines = explorer.render(result).splitlines()
+            png = base64.b64encode(figure_png(explorer.figure(result))).decode("ascii")
+            color = "#1a7f37" if result.correct else "#b2182b"
+            rest = [line for line in lines if not line.startswith(("knobs:", "answer:"))]
+            # Figure first, details last: once the details show the new budget, everything does.
+            figure_out.outputs = (
+                {
+                    "output_type": "display_data",
+                    "data": {"image/png": png, "text/plain": "<budget explorer figure>"},
+                    "metadata": {},
+                },
+            )
+            knobs_label.value = f'<span style="font-size:1.2em"><b>{html.escape(result.knobs_line())}</b></span>'
+            answer_label.value = (
+                f'<span style="font-size:1.2em;color:{color}">{html.escape(result.answer_line())}</span>'
+            )
+            details.value = "<pre style='margin:0'>" + html.escape("\n".join(rest)) + "</pre>"
+        except Exception as err:  # shown, not swallowed: widget callbacks fail silently otherwise
+            knobs_label.value = "knobs: (error)"
+            answer_label.value = "answer: (error)"
+            details.value = f"<pre style='color:#b2182b'>error: {html.escape(f'{type(err).__name__}: {err}')}</pre>"
+
+    def add_sample(_button=None) -> None:
+        try:
+            explorer.new_sample(state["seed"])
+        except Exception as err:
+            details.value = f"<pre style='color:#b2182b'>error: {html.escape(f'{type(err).__name__}: {err}')}</pre>"
+            return
+        state["seed"] += 1
+        state["hold"] = True  # replacing the options fires value changes: refresh once at the end
+        try:
+            picker.options = sample_options()
+            picker.value = len(explorer.samples) - 1
+        finally:
+            state["hold"] = False
+        refresh()
+
+    picker.observe(refresh, names="value")
+    mode_toggle.observe(refresh, names="value")
+    slider.observe(refresh, names="value")
+    new_button.on_click(add_sample)
+    refresh()
+    ui = w.VBox(
+        [
+            w.HBox([picker, new_button]),
+            w.HBox([w.Label("Stage 2 input", layout=w.Layout(width="110px")), mode_toggle]),
+            slider,
+            knobs_label,
+            answer_label,
+            details,
+            figure_out,
+        ]
+    )
+    ui.add_class(CSS_CLASSES["root"])
+    return ui

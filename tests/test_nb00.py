@@ -1,0 +1,88 @@
+"""Notebook 00 in smoke mode: the data, the tiny MoE VLM and its four knobs.
+
+Structural checks hold for any model; the ``test_quality_*`` checks are what the shipped,
+trained model must show (they fail on untrained stand-in artifacts).
+"""
+
+import json
+
+import pytest
+
+from knoblib.data import FAMILIES
+from knoblib.knobs import TIERS, KnobSpace
+
+pytestmark = pytest.mark.notebook
+
+
+@pytest.fixture(scope="module")
+def run(notebook_results):
+    return notebook_results("00_data_and_model")
+
+
+@pytest.fixture(scope="module")
+def results(run):
+    return run[0]
+
+
+def test_runs_in_time_and_keeps_figures(run):
+    _, seconds, executed = run
+    assert seconds < 90
+    cells = json.loads(executed.read_text())["cells"]
+    assert any("image/png" in out.get("data", {}) for cell in cells for out in cell.get("outputs", []))
+
+
+def test_knob_space_numbers(results):
+    space = KnobSpace.for_model(results["num_blocks"], results["default_top_k"])
+    assert results["num_configs"] == len(space)
+    assert results["num_experts"] >= results["default_top_k"] >= 1
+    assert results["num_parameters"] > 0
+
+
+def test_tiers_change_the_work(results):
+    assert results["mark_low_tier_identical"] == 1
+    assert [results[f"num_crops_{t}"] for t in TIERS] == [1, 5, 10]
+    lengths = [results[f"sequence_length_{t}"] for t in TIERS]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 3
+
+
+def test_accuracies_are_recorded(results):
+    assert results["n_eval"] == 100
+    for name in ("full", "cheapest"):
+        assert 0.0 <= results[f"{name}_accuracy"] <= 1.0
+        for family in FAMILIES:
+            assert 0.0 <= results[f"{name}_accuracy_{family}"] <= 1.0
+
+
+def test_knob_table_numbers(results):
+    for row in ("full", "tier_low", "tier_medium", "cheapest"):
+        for metric in ("all", *FAMILIES):
+            assert 0.0 <= results[f"knob_table_{row}_{metric}"] <= 1.0
+    assert results["knob_table_full_latency_vs_full"] == pytest.approx(1.0)
+    assert any(key.startswith("knob_table_blocks_") for key in results)
+    assert any(key.startswith("knob_table_top_k_") for key in results)
+
+
+def test_quality_full_model_answers(results):
+    assert results["full_accuracy"] >= 0.6
+    assert results["full_accuracy"] - results["cheapest_accuracy"] >= 0.05
+
+
+def test_quality_mark_needs_the_tier(results):
+    assert results["knob_table_tier_low_mark"] <= 0.5
+    assert results["knob_table_full_mark"] - results["knob_table_tier_low_mark"] >= 0.2
+
+
+def test_quality_color_is_easy(results):
+    assert results["knob_table_full_color"] >= 0.9
+    assert results["knob_table_cheapest_color"] >= 0.7
+
+
+def test_quality_knobs_hurt_families_differently(results):
+    # The low tier costs mark far more than color: the premise of a content-aware controller.
+    mark_drop = results["knob_table_full_mark"] - results["knob_table_tier_low_mark"]
+    color_drop = results["knob_table_full_color"] - results["knob_table_tier_low_color"]
+    assert mark_drop - color_drop >= 0.2
+
+
+def test_quality_cheapest_is_cheaper(results):
+    assert results["knob_table_cheapest_latency_vs_full"] < 0.8

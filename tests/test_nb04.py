@@ -1,0 +1,61 @@
+"""Notebook 04 (one joint GRPO step, by hand), executed in smoke mode through papermill."""
+
+import math
+
+import nbformat
+import pytest
+
+pytestmark = pytest.mark.notebook
+
+NAME = "04_grpo_update"
+
+
+@pytest.fixture(scope="module")
+def run(notebook_results):
+    return notebook_results(NAME)
+
+
+def test_runs_in_time_and_keeps_figures(run):
+    results, seconds, executed = run
+    assert seconds < 90
+    nb = nbformat.read(str(executed), as_version=4)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3  # samples, reward curves, policy update, training curves
+
+
+def test_hand_computations_match_the_library(run):
+    results, _, _ = run
+    assert results["num_rollouts"] == 10  # 2 requests x G = 5
+    assert math.isclose(results["loss_hand"], results["loss_library"], abs_tol=1e-6)
+    assert math.isclose(results["loss_hand_pass2"], results["loss_library_pass2"], abs_tol=1e-6)
+    # First pass: ratio 1 and centred advantages, so the loss value is ~0.
+    assert abs(results["loss_library"]) < 1e-5
+    assert results["advantage_group_sum_abs_max"] < 1e-4
+    assert 0 < results["advantage_abs_max"] <= 2.0  # (G - 1) / sqrt(G) bounds a normalised group of 5
+    assert results["trainer_matches_hand"] == 1
+    assert results["trainer_max_weight_diff"] < 1e-4
+    assert 0.0 <= results["clip_fraction_pass2"] <= 1.0
+
+
+def test_gradient_reaches_every_part(run):
+    results, _, _ = run
+    for part in ("stage1", "stage2", "budget_encoder"):
+        assert results[f"grad_norm_{part}"] > 0
+    assert results["grad_norm_total"] > 0
+
+
+def test_recorded_values_are_sane(run):
+    results, _, _ = run
+    assert results["reward_min"] <= results["reward_mean"] <= results["reward_max"]
+    assert 0.0 <= results["rollout_accuracy"] <= 1.0
+    assert 0.0 <= results["prob_sign_agreement"] <= 1.0
+    assert 0.0 <= results["reward_pair_order_agreement"] <= 1.0
+    keys = set(results["trainer_metrics_keys"].split(","))
+    assert {"reward_mean", "loss", "grad_norm", "clip_fraction", "zero_std_fraction", "forwards_per_request"} <= keys
+    assert results["trainer_steps"] == 3  # the hand-checked step + 2 in smoke mode
+
+
+def test_quality_one_step_moves_the_policy_along_the_advantages(run):
+    """One Adam step should raise most positive-advantage rollouts and lower most negative ones."""
+    results, _, _ = run
+    assert results["prob_sign_agreement"] >= 0.6

@@ -1,0 +1,149 @@
+"""Every plotting function returns a Figure on small made-up inputs."""
+
+import matplotlib
+
+# Only this test module draws off-screen; notebooks must keep their inline figures, so
+# the backend is never set through the environment.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from knoblib import plots  # noqa: E402
+from knoblib.data import FAMILIES, generate_split  # noqa: E402
+from knoblib.evaluate import SweepRow  # noqa: E402
+from knoblib.knobs import KnobConfig, KnobSpace  # noqa: E402
+from knoblib.latency import LatencyTable  # noqa: E402
+
+SPACE = KnobSpace.for_model(8, 4)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def table():
+    """A made-up latency table over the whole 8-block space: each knob costs something."""
+    tier_ms = {"low": 10.0, "medium": 20.0, "high": 30.0}
+    latency = {k: tier_ms[k.tier] + 2.0 * k.top_k + 3.0 * k.num_active_blocks for k in SPACE}
+    return LatencyTable(latency, SPACE, vision_ms={"low": 1.0, "medium": 2.0, "high": 3.0})
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    """Made-up accuracies that grow with the work done."""
+    out = {}
+    for k in SPACE:
+        base = 0.3 + 0.2 * SPACE.tiers.index(k.tier) + 0.02 * k.top_k + 0.01 * k.num_active_blocks
+        out[k] = {"all": min(base, 1.0), **{f: min(base + 0.01 * i, 1.0) for i, f in enumerate(FAMILIES)}}
+    return out
+
+
+def test_show_samples_and_crops():
+    samples = generate_split(6, seed=5)
+    assert isinstance(plots.show_samples(samples, n=4), Figure)
+    image = samples[0].image()
+    for tier in SPACE.tiers:
+        assert isinstance(plots.show_crops(image, tier), Figure)
+    fig = plots.show_tiers(image)
+    assert isinstance(fig, Figure)
+    with pytest.raises(ValueError):
+        plots.show_samples([], n=3)
+
+
+def test_plot_knob_table():
+    rows = [
+        {"name": name, "knobs": "x", "all": a, **{f: a for f in FAMILIES}, "latency_ms": ms, "latency_vs_full": ms / 40}
+        for name, a, ms in (("full", 0.9, 40.0), ("tier=low", 0.6, 20.0), ("cheapest", 0.4, 10.0))
+    ]
+    assert isinstance(plots.plot_knob_table(rows), Figure)
+
+
+def test_pareto_front_and_plot(table, accuracy):
+    front = plots.pareto_front(accuracy, table)
+    assert front[0] == table.fastest() or accuracy[front[0]]["all"] >= accuracy[table.fastest()]["all"]
+    lat = [table.latency(k) for k in front]
+    acc = [accuracy[k]["all"] for k in front]
+    assert lat == sorted(lat) and acc == sorted(acc) and len(set(acc)) == len(acc)
+    # No configuration dominates a front member.
+    for f in front:
+        assert not any(
+            table.latency(k) <= table.latency(f) and accuracy[k]["all"] > accuracy[f]["all"] for k in accuracy
+        )
+    assert isinstance(plots.plot_pareto(accuracy, table), Figure)
+    assert isinstance(plots.plot_pareto(accuracy, table, highlight=SPACE.full()), Figure)
+    assert isinstance(plots.plot_pareto(accuracy, table, highlight={"pick": SPACE.cheapest()}, key="mark"), Figure)
+
+
+def test_plot_block_importance():
+    assert isinstance(plots.plot_block_importance([0.6, 0.01, 0.05, -0.01]), Figure)
+    result = {"full_accuracy": 0.9, "importance": [0.6, 0.01, 0.05, -0.01], "drop_order": [3, 1, 2]}
+    assert isinstance(plots.plot_block_importance(result), Figure)
+
+
+def test_plot_latency_breakdown_and_budgets(table):
+    assert isinstance(plots.plot_latency_breakdown(table), Figure)
+    sampled = torch.rand(100) * 50 + 30
+    fig = plots.plot_budgets(sampled, torch.linspace(30, 80, 8), list(table.latency_ms.values()))
+    assert isinstance(fig, Figure)
+    assert isinstance(plots.plot_budgets(sampled.tolist()), Figure)
+
+
+def test_plot_stage1_distribution():
+    budgets = torch.linspace(10, 100, 7)
+    tier = torch.softmax(torch.randn(7, 3), -1)
+    position = torch.softmax(torch.randn(7, 3), -1)
+    fig = plots.plot_stage1_distribution(
+        {"tier": tier, "insertion position": position}, budgets, {"tier": list(SPACE.tiers), "insertion position": ["1", "2", "3"]}
+    )
+    assert isinstance(fig, Figure)
+    assert isinstance(plots.plot_stage1_distribution(tier.numpy(), budgets.tolist(), list(SPACE.tiers)), Figure)
+    with pytest.raises(ValueError):
+        plots.plot_stage1_distribution(tier[:3], budgets, list(SPACE.tiers))
+
+
+def test_plot_budget_encoding_and_similarity():
+    budgets = torch.linspace(10, 100, 20)
+    fig = plots.plot_budget_encoding(budgets, {"ours": torch.rand(20, 13) * 2 - 1, "original": torch.rand(20, 12)})
+    assert isinstance(fig, Figure)
+    with pytest.raises(ValueError):
+        plots.plot_budget_encoding(budgets, torch.rand(5, 3))
+    assert isinstance(plots.plot_similarity_matrix(torch.eye(4), list(FAMILIES)), Figure)
+
+
+def test_plot_sweep_accepts_rows_and_dicts():
+    rows = [
+        SweepRow(policy, b, acc, 0.9, vio, 0.9 * b)
+        for policy, acc, vio in (("lookup table", 0.7, 0.0), ("controller (Mode B)", 0.75, 0.05))
+        for b in (20.0, 40.0, 60.0)
+    ]
+    assert isinstance(plots.plot_sweep(rows), Figure)
+    assert isinstance(plots.plot_sweep([r.as_dict() for r in rows]), Figure)
+
+
+def test_plot_training_curves():
+    history = [
+        {"step": s, "mode": mode, "reward_mean": 0.1 * s, "accuracy": 0.5, **({"val_reward": 0.2} if s == 3 else {})}
+        for mode in ("A-resumable", "B")
+        for s in range(1, 4)
+    ]
+    assert isinstance(plots.plot_training_curves(history, ["reward_mean", "accuracy", "val_reward"], by="mode"), Figure)
+    assert isinstance(plots.plot_training_curves(history[:3], ["reward_mean"]), Figure)
+
+
+def test_plot_forward_counts_and_timings():
+    counts = {"A-naive": {"partial": 5, "full": 5}, "A-resumable": {"partial": 0, "full": 5}, "B": {"full": 5}}
+    assert isinstance(plots.plot_forward_counts(counts), Figure)
+    assert isinstance(plots.plot_forward_counts(counts, {"A-naive": 0.5, "A-resumable": 0.3, "B": 0.2}), Figure)
+    assert isinstance(plots.plot_timings({"partial forward": 3.0, "full generate": 50.0}), Figure)
+
+
+def test_plots_module_never_sets_a_backend():
+    # Executed notebooks keep their figures only if nothing forces a non-inline backend.
+    source = open(plots.__file__, encoding="utf-8").read()
+    assert "matplotlib.use(" not in source
