@@ -10,7 +10,7 @@ export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
 # Executed notebooks must keep their figures.
 unexport MPLBACKEND
 
-.PHONY: install tutorial test test-fast benchmarks clean
+.PHONY: install tutorial test test-fast benchmarks artifacts clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not notebook and not browser and not slow"
+
+# Rebuild every shipped artifact in data/ from scratch, in order (about an hour on 2 CPU cores).
+artifacts: $(STAMP)
+	$(BIN)/python -m knoblib data
+	$(BIN)/python -m knoblib pretrain
+	$(BIN)/python -m knoblib rank-blocks
+	$(BIN)/python -m knoblib profile-latency
+	$(BIN)/python -m knoblib config-accuracy
+	$(BIN)/python -m knoblib knob-table
+	$(BIN)/python -m knoblib train --mode B --out runs/B --export data/controller_B
+	$(BIN)/python -m knoblib train --mode A-resumable --out runs/A-resumable --export data/controller_A
+	$(BIN)/python -m knoblib evaluate
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

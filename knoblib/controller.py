@@ -89,8 +89,9 @@ class Knob1PredictorBudgetLanguage(nn.Module):
         """(lang_feat (N, lang_dim), budget_feat (N, budget_dim)) -> (tier logits (N, T), position logits (N, P))."""
         lang_feat = _check_features("lang_feat", lang_feat, self.lang_dim)
         budget_feat = _check_features("budget_feat", budget_feat, self.budget_dim, lang_feat.shape[0])
-        dtype = self.tier_head.weight.dtype
-        hidden = self.trunk(torch.cat([self.lang_norm(lang_feat.to(dtype)), budget_feat.to(dtype)], dim=-1))
+        dtype, device = self.tier_head.weight.dtype, self.tier_head.weight.device
+        lang_feat, budget_feat = lang_feat.to(device, dtype), budget_feat.to(device, dtype)
+        hidden = self.trunk(torch.cat([self.lang_norm(lang_feat), budget_feat], dim=-1))
         return self.tier_head(hidden), self.insertion_head(hidden)
 
 
@@ -203,8 +204,8 @@ class Knob2Knob3Predictor(nn.Module):
         """
         p = self._check_positions(insertion_position)
         n = p.shape[0]
-        dtype = self.top_k_head.weight.dtype
-        p = p.to(self.top_k_head.weight.device)
+        dtype, device = self.top_k_head.weight.dtype, self.top_k_head.weight.device
+        p = p.to(device)
         if self.use_optimized_mode:
             if latency_token is not None:
                 raise ValueError(
@@ -216,8 +217,8 @@ class Knob2Knob3Predictor(nn.Module):
             lang_feat = _check_features("lang_feat", lang_feat, self.lang_dim, n)
             budget_feat = _check_features("budget_feat", budget_feat, self.budget_dim, n)
             parts = [
-                self.lang_proj(lang_feat.to(dtype)),
-                self.budget_proj(budget_feat.to(dtype)),
+                self.lang_proj(lang_feat.to(device, dtype)),
+                self.budget_proj(budget_feat.to(device, dtype)),
                 self.insertion_embedding(p - 1),
             ]
         else:
@@ -233,7 +234,7 @@ class Knob2Knob3Predictor(nn.Module):
                 )
             latency_token = _check_features("latency_token", latency_token, self.latency_dim, n)
             parts = [
-                self.latency_token_proj(self.latency_norm(latency_token.to(dtype))),
+                self.latency_token_proj(self.latency_norm(latency_token.to(device, dtype))),
                 self.insertion_embedding(p - 1),
             ]
         hidden = self.fusion(torch.cat(parts, dim=-1))
@@ -442,7 +443,12 @@ def _draw(dist: Categorical, generator: torch.Generator | None, greedy: bool) ->
     if greedy:
         # Masked options sit at -inf, so argmax never returns one.
         return dist.logits.argmax(dim=-1)
-    return torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
+    probs = dist.probs
+    if generator is not None and generator.device != probs.device:
+        # A generator draws only on its own device (e.g. a CPU generator for a CUDA
+        # controller): sample there, return the indices on the controller's device.
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class TwoStageController(PreTrainedModel):
@@ -727,26 +733,29 @@ class ModeADecider:
         if controller.mode != "A":
             raise ValueError("ModeADecider needs a Mode-A controller (config.mode='A')")
         self.controller = controller
-        self.insertion_position_idx = torch.as_tensor(insertion_position_idx).long()
+        # Everything the decider records lives on the controller's device (the VLM may differ).
+        device = controller.device
+        self.insertion_position_idx = torch.as_tensor(insertion_position_idx).long().to(device)
         self.generator, self.greedy = generator, greedy
         n = self.insertion_position_idx.shape[0]
-        self.latency_tokens = torch.full((n, controller.config.latency_dim), float("nan"))
-        self.top_k = torch.full((n,), -1, dtype=torch.long)
-        self.num_active_blocks = torch.full((n,), -1, dtype=torch.long)
+        self.latency_tokens = torch.full((n, controller.config.latency_dim), float("nan"), device=device)
+        self.top_k = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.num_active_blocks = torch.full((n,), -1, dtype=torch.long, device=device)
 
     def __call__(self, latency_tokens: torch.Tensor, rows: torch.Tensor) -> tuple[list[int], list[int]]:
         """(latency tokens (n, d), row indices (n,)) -> (top_k values, num_active_blocks values)."""
-        rows = torch.as_tensor(rows).long().cpu()
+        device = self.insertion_position_idx.device
+        rows = torch.as_tensor(rows).long().to(device)
         # generate() runs under inference_mode; a clone made outside it can be used by autograd later.
         with torch.inference_mode(False):
-            tokens = latency_tokens.detach().float().cpu().clone()
+            tokens = latency_tokens.detach().float().to(device).clone()
         top_k, blocks = self.controller.sample_stage2(
             self.insertion_position_idx[rows], latency_token=tokens, generator=self.generator, greedy=self.greedy
         )
         with torch.inference_mode(False):
             self.latency_tokens[rows] = tokens
-            self.top_k[rows] = top_k.cpu().clone()
-            self.num_active_blocks[rows] = blocks.cpu().clone()
+            self.top_k[rows] = top_k.to(device).clone()
+            self.num_active_blocks[rows] = blocks.to(device).clone()
         space = self.controller.knob_space
         top_k_values = [space.top_k_options[i] for i in top_k.tolist()]
         return top_k_values, [space.all_block_options[i] for i in blocks.tolist()]

@@ -136,6 +136,9 @@ FILE_FORMAT = "knoblib-vqa"
 FILE_VERSION = 1
 REGENERATE_HINT = "python -m knoblib.data --out data/vqa --tokenizer-out data/tokenizer"
 
+# The auxiliary captioning question of pretraining (``VQASample.description`` answers it).
+DESCRIBE_QUESTION = "describe the picture ?"
+
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
 PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN = SPECIAL_TOKENS
 
@@ -157,7 +160,7 @@ class VQASample:
     ``scene`` is ``{"objects": [...]}``; each object is either a shape
     ``{"kind": "shape", "type", "color", "x", "y", "size"}`` (``x``/``y`` =
     top-left corner of its ``size`` x ``size`` bounding box) or a glyph
-    ``{"kind": "glyph", "mark", "color", "x", "y"}`` (a 3x3 cell).
+    ``{"kind": "glyph", "mark", "color", "x", "y"}`` (a 6x6 glyph: a 3x3 cell tiled 2x2).
     """
 
     scene: dict
@@ -169,6 +172,16 @@ class VQASample:
     def image(self) -> torch.Tensor:
         """Rendered scene: uint8 tensor of shape (3, 48, 48)."""
         return render_scene(self.scene)
+
+    def description(self) -> str:
+        """Every object as "<color> <type or mark>", in reading order (top to bottom, left to right).
+
+        The target of the auxiliary captioning task used in pretraining (see
+        ``DESCRIBE_QUESTION``): dense supervision that teaches the model to read every
+        object, as LLaVA-style captioning pretraining does.
+        """
+        objects = sorted(self.scene["objects"], key=lambda o: (o["y"] // 16, o["x"] // 16, o["y"], o["x"]))
+        return " ".join(f"{o['color']} {o['type'] if o['kind'] == 'shape' else o['mark']}" for o in objects)
 
     def to_json(self) -> dict:
         return {
@@ -532,6 +545,7 @@ def vocabulary_words() -> list[str]:
                     words.add(word)
     for answers in FAMILY_ANSWERS.values():
         words.update(answers)
+    words.update(DESCRIBE_QUESTION.split())
     words.update(COLOR_NAMES, SHAPE_TYPES, MARK_NAMES, COUNT_WORDS)
     return sorted(words)
 

@@ -273,6 +273,12 @@ def grpo_loss(
 
     Returns (loss, stats with clip_fraction and kl).
     """
+    # Rewards (hence advantages and the mask) are computed on the CPU from the latency
+    # table; the loss lives where the controller does.
+    device = log_prob.device
+    old_log_prob, advantages = old_log_prob.to(device), advantages.to(device)
+    if ref_log_prob is not None:
+        ref_log_prob = ref_log_prob.to(device)
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
@@ -282,7 +288,7 @@ def grpo_loss(
         delta = ref_log_prob - log_prob
         kl = torch.exp(delta) - delta - 1.0
     objective = objective - kl_coef * kl
-    mask = torch.ones_like(log_prob, dtype=torch.bool) if mask is None else mask
+    mask = torch.ones_like(log_prob, dtype=torch.bool) if mask is None else mask.to(device)
     count = mask.sum().clamp(min=1)
     loss = -(objective * mask).sum() / count
     clip_fraction = (((ratio - 1.0).abs() > clip_eps) & mask).sum() / count
@@ -554,7 +560,8 @@ class JointGRPOTrainer:
         if not state_file.is_file():
             raise FileNotFoundError(f"no GRPO checkpoint at {path}: trainer_state.pt is missing")
         try:
-            state = torch.load(state_file, weights_only=False)
+            # CPU first: the loads below copy into the controller / optimizer on their device.
+            state = torch.load(state_file, map_location="cpu", weights_only=False)
         except Exception as err:  # a truncated or foreign file
             raise ValueError(f"{state_file} is corrupt: {err}") from err
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

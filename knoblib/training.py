@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from .controller import ControllerConfig, TwoStageController
 from .data import data_path, load_split, split_path
 from .grpo import GRPOConfig, JointGRPOTrainer
@@ -27,14 +29,22 @@ def make_trainer(
     cfg: GRPOConfig,
     train_size: int | None = None,
     controller: TwoStageController | None = None,
+    device: str | torch.device | None = None,
 ) -> JointGRPOTrainer:
-    """A trainer over the shipped splits with a fresh controller (seeded) unless one is given."""
+    """A trainer over the shipped splits with a fresh controller (seeded) unless one is given.
+
+    ``device`` (e.g. ``"cuda"``) moves the VLM and the controller there first; by default
+    both stay where they are.
+    """
     train = load_split(split_path(data_path("vqa"), "train"))[:train_size]
     val = load_split(split_path(data_path("vqa"), "val"))
     if controller is None:
         sampler = BudgetSampler(table, margin=cfg.budget_margin)
         config = ControllerConfig.for_vlm(vlm, (sampler.low, sampler.high), mode=cfg.stage2_mode, seed=cfg.seed)
         controller = TwoStageController(config)
+    if device is not None:
+        vlm.to(device)
+        controller.to(device)
     return JointGRPOTrainer(vlm, controller, table, train, val, cfg)
 
 

@@ -27,6 +27,11 @@ def _environment() -> None:
     # Figures must be kept (an inherited MPLBACKEND=Agg silently drops them) and the
     # venv's kernelspec must win over a user-level one of the same name.
     os.environ.pop("MPLBACKEND", None)
+    # The tiny model runs as fast on one intra-op thread as on two, and one thread does
+    # not stall when anything else runs on a 2-core machine (two threads spin-wait and
+    # can run 10-20x slower). The kernel inherits this; the latency table is profiled
+    # the same way (see knoblib/__main__.py).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     venv_jupyter = Path(os.sys.prefix) / "share" / "jupyter"
     if venv_jupyter.is_dir():
         paths = [str(venv_jupyter)] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]

@@ -360,7 +360,7 @@ class KnobVLM(torch.nn.Module):
 
     def run_mask(self, insertion_position: int, num_active_blocks: int) -> torch.Tensor:
         """(L,) bool: which blocks run for (p, n)."""
-        mask = torch.ones(self.num_layers, dtype=torch.bool)
+        mask = torch.ones(self.num_layers, dtype=torch.bool, device=self.device)
         mask[self.dropped_blocks(insertion_position, num_active_blocks)] = False
         return mask
 
@@ -371,7 +371,7 @@ class KnobVLM(torch.nn.Module):
         tiers: Sequence[str],
         answers: Sequence[str] | None = None,
     ) -> dict:
-        """Tokenise prompts (``<bos> question <image>*n``) and cut crops, left-padded.
+        """Tokenise prompts (``<bos> <image>*n question``) and cut crops, left-padded.
 
         Returns a dict with ``input_ids`` (B, T), ``attention_mask`` (B, T),
         ``pixel_values`` (sum of crops, 3, 16, 16) and, with ``answers``,
@@ -389,11 +389,11 @@ class KnobVLM(torch.nn.Module):
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"question {i} is empty or not a string: {question!r}")
             crops.append(make_crops(image, tier))
-            # The question goes first, so image tokens can attend to it: each patch is
-            # processed knowing what is asked (a tiny model trained from scratch learns
-            # far faster this way than when only the last token may look back).
-            prompt = [tok.bos_token_id] + tok(question, add_special_tokens=False)["input_ids"]
-            prompt += [self.image_token_id] * (tier_num_crops(tier) * self.tokens_per_crop)
+            # LLaVA's order: image, then question, so the answer is read by a text token
+            # that attends to the image (image features have a much larger norm than
+            # word embeddings; an image token at the end would dominate the readout).
+            prompt = [tok.bos_token_id] + [self.image_token_id] * (tier_num_crops(tier) * self.tokens_per_crop)
+            prompt += tok(question, add_special_tokens=False)["input_ids"]
             labels = [-100] * len(prompt)
             if answers is not None:
                 target = tok(answers[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -401,14 +401,16 @@ class KnobVLM(torch.nn.Module):
             rows.append(prompt)
             label_rows.append(labels)
         width = max(map(len, rows))
-        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (ids, lab) in enumerate(zip(rows, label_rows)):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
-            labels[i, width - len(ids) :] = torch.tensor(lab)
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": torch.cat(crops)}
+        # Left-padded in Python, then one tensor each, made on the model's device.
+        device = self.device
+        input_ids = torch.tensor(
+            [[tok.pad_token_id] * (width - len(ids)) + ids for ids in rows], dtype=torch.long, device=device
+        )
+        attention_mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], dtype=torch.long, device=device
+        )
+        labels = torch.tensor([[-100] * (width - len(lab)) + lab for lab in label_rows], dtype=torch.long, device=device)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": torch.cat(crops).to(device)}
         if answers is not None:
             out["labels"] = labels
         return out
@@ -421,8 +423,8 @@ class KnobVLM(torch.nn.Module):
             self.knob_space.validate(k)
         return RowPlan(
             tiers=[k.tier for k in knobs],
-            insertion_positions=torch.tensor([k.insertion_position for k in knobs]),
-            top_k=torch.tensor([k.top_k for k in knobs]),
+            insertion_positions=torch.tensor([k.insertion_position for k in knobs], device=self.device),
+            top_k=torch.tensor([k.top_k for k in knobs], device=self.device),
             run_block=torch.stack([self.run_mask(k.insertion_position, k.num_active_blocks) for k in knobs]),
         )
 
@@ -526,7 +528,8 @@ class KnobVLM(torch.nn.Module):
         loop after that many blocks (a partial forward).
         """
         ctx = self._context(embeds, attention_mask, position_ids, cache, plan)
-        decided = torch.ones(len(plan.tiers), dtype=torch.bool) if decided is None else decided
+        device = plan.insertion_positions.device
+        decided = torch.ones(len(plan.tiers), dtype=torch.bool, device=device) if decided is None else decided.to(device)
         latency = None
         if probe_index is not None:
             latency = embeds.new_zeros(embeds.shape[0], embeds.shape[-1])
@@ -609,14 +612,14 @@ class KnobVLM(torch.nn.Module):
                 opts = self.knob_space.block_options(p)  # validates p
                 row_knobs.append(KnobConfig(tier, p, full.top_k, opts[-1]))
             plan = self.plan(row_knobs)
-            decided = torch.zeros(batch, dtype=torch.bool)
+            decided = torch.zeros(batch, dtype=torch.bool, device=self.device)
         else:
             knobs = self.knob_space.full() if knobs is None else knobs
             row_knobs = [knobs] * batch if isinstance(knobs, KnobConfig) else list(knobs)
             if len(row_knobs) != batch:
                 raise ValueError(f"got {len(row_knobs)} knob configurations for a batch of {batch}")
             plan = self.plan(row_knobs)
-            decided = torch.ones(batch, dtype=torch.bool)
+            decided = torch.ones(batch, dtype=torch.bool, device=self.device)
             if skip_blocks is not None:
                 bad = [b for b in skip_blocks if not (isinstance(b, int) and 0 <= b < self.num_layers)]
                 if bad:
@@ -633,7 +636,7 @@ class KnobVLM(torch.nn.Module):
                     f"probe_embeddings has shape {tuple(probe_embeddings.shape)}: expected ({batch}, {self.hidden_size})"
                 )
             # The probe goes last: causal attention keeps every other position blind to it.
-            embeds = torch.cat([embeds, probe_embeddings[:, None, :].to(embeds.dtype)], dim=1)
+            embeds = torch.cat([embeds, probe_embeddings[:, None, :].to(embeds)], dim=1)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
             probe_index = embeds.shape[1] - 1
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -650,7 +653,7 @@ class KnobVLM(torch.nn.Module):
             last = -2
         next_logits = self.logits(hidden[:, last])
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        unfinished = torch.ones(batch, dtype=torch.bool)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=next_logits.device)
         generated = []
         next_position = position_ids[:, -1:] + 1
         for step in range(max_new_tokens):
@@ -698,7 +701,7 @@ class KnobVLM(torch.nn.Module):
                 f"probe_embeddings has shape {tuple(probe_embeddings.shape)}: expected ({len(images)}, {self.hidden_size})"
             )
         embeds = self.embed(inputs["input_ids"], inputs["pixel_values"])
-        embeds = torch.cat([embeds, probe_embeddings[:, None, :].to(embeds.dtype)], dim=1)
+        embeds = torch.cat([embeds, probe_embeddings[:, None, :].to(embeds)], dim=1)
         attention_mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(len(images), 1)], 1)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         _, latency = self.forward_blocks(

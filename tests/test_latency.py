@@ -78,7 +78,7 @@ def table():
 def test_profile_gives_finite_positive_latencies_and_metadata(profiled, profile_configs, vlm):
     assert profiled.configs == profile_configs
     lat = profiled.latencies(profile_configs)
-    assert lat.shape == (3,) and lat.dtype == torch.float32
+    assert lat.shape == (3,) and lat.dtype == torch.float64
     assert torch.isfinite(lat).all() and (lat > 0).all()
     assert all(math.isfinite(v) and v >= 0 for v in profiled.iqr_ms.values())
     assert set(profiled.iqr_ms) == set(profile_configs)
@@ -227,7 +227,7 @@ def test_budget_sampler_range(table):
     sampler = BudgetSampler(table, margin=0.1, seed=0)
     assert sampler.low == pytest.approx(9.0) and sampler.high == pytest.approx(44.0)
     budgets = sampler.sample(2000)
-    assert budgets.shape == (2000,) and budgets.dtype == torch.float32
+    assert budgets.shape == (2000,) and budgets.dtype == torch.float64
     assert budgets.min() >= sampler.low - 1e-4 and budgets.max() <= sampler.high + 1e-4
     # Both ends are reached: some budgets are below the fastest, some above the slowest.
     assert (budgets < table.min_ms).any() and (budgets > table.max_ms).any()

@@ -466,7 +466,7 @@ def test_tier_sets_crops_and_image_tokens(vlm, samples):
         make_crops(image, "ultra")
 
 
-def test_prompt_is_bos_question_then_image_tokens(vlm, samples):
+def test_prompt_is_bos_image_tokens_then_question(vlm, samples):
     tok = vlm.tokenizer
     short, long = sorted(samples[:8], key=lambda s: len(s.question.split()))[:: len(samples[:8]) - 1]
     assert len(short.question.split()) < len(long.question.split())
@@ -479,17 +479,17 @@ def test_prompt_is_bos_question_then_image_tokens(vlm, samples):
         question = tok(s.question, add_special_tokens=False)["input_ids"]
         answer = tok(s.answer, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in question + answer
-        expected = [tok.bos_token_id] + question + [vlm.image_token_id] * 20 + answer + [tok.eos_token_id]
+        expected = [tok.bos_token_id] + [vlm.image_token_id] * 20 + question + answer + [tok.eos_token_id]
         pad = width - len(expected)
         assert inputs["input_ids"][i].tolist() == [tok.pad_token_id] * pad + expected  # left padding
         assert inputs["attention_mask"][i].tolist() == [0] * pad + [1] * len(expected)
         labels = [-100] * (pad + 1 + len(question) + 20) + answer + [tok.eos_token_id]
         assert inputs["labels"][i].tolist() == labels
     assert inputs["attention_mask"][1].all()  # the longer question needs no padding
-    # Without answers the prompt ends with the image tokens: the answer is generated right after them.
+    # Without answers the prompt ends with the question: the answer is generated right after it.
     prompt = vlm.build_inputs([long.image()], [long.question], ["low"])["input_ids"][0].tolist()
-    assert prompt[0] == tok.bos_token_id and prompt[-4:] == [vlm.image_token_id] * 4
-    assert vlm.tokenizer.decode(prompt[1:-4]) == long.question
+    assert prompt[0] == tok.bos_token_id and prompt[1:5] == [vlm.image_token_id] * 4
+    assert vlm.tokenizer.decode(prompt[5:]) == long.question
 
 
 # --- 9. bad inputs raise clear errors -------------------------------------------------
