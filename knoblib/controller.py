@@ -33,6 +33,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
 from .features import BudgetProbe, LatencyBudgetEncoder
+from .guard import BudgetGuard
 from .knobs import KnobConfig, KnobSpace
 
 KNOB_NAMES: tuple[str, ...] = ("tier", "insertion_position", "top_k", "num_active_blocks")
@@ -364,6 +365,8 @@ class ControllerConfig(PretrainedConfig):
         budget_dim: width of ``budget_feat``.
         probe_scale: norm of the Mode-A probe embedding (the VLM's mean token-embedding norm).
         seed: seeds the initial weights and the fixed probe projection.
+        budget_guard: whether the controller is trained and served with the budget
+            guard (``knoblib.guard``: options whose profiled latency cannot fit are masked).
     """
 
     model_type = "knoblib_controller"
@@ -378,6 +381,7 @@ class ControllerConfig(PretrainedConfig):
     budget_dim: int = 64
     probe_scale: float = 1.0
     seed: int = 0
+    budget_guard: bool = True
 
     def __post_init__(self, **kwargs) -> None:
         if self.mode not in ("A", "B"):
@@ -436,6 +440,11 @@ def _space_from_dict(space: dict) -> KnobSpace:
     if "tiers" in space:
         space["tiers"] = tuple(space["tiers"])
     return KnobSpace(**space)
+
+
+def _mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Logits with the options ``allowed`` (N, K) bool excludes set to -inf."""
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
 def _draw(dist: Categorical, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
@@ -572,10 +581,24 @@ class TwoStageController(PreTrainedModel):
 
     # --- distributions ------------------------------------------------------------
     def stage1_distributions(
-        self, lang_feat: torch.Tensor, budget_feat: torch.Tensor
+        self,
+        lang_feat: torch.Tensor,
+        budget_feat: torch.Tensor,
+        guard: "BudgetGuard | None" = None,
+        budgets_ms: torch.Tensor | None = None,
+        tier_idx: torch.Tensor | None = None,
     ) -> tuple[Categorical, Categorical]:
-        """(tier over T tiers, insertion position over P) for lang_feat (N, lang_dim), budget_feat (N, budget_dim)."""
+        """(tier over T tiers, insertion position over P) for lang_feat (N, lang_dim), budget_feat (N, budget_dim).
+
+        With a ``guard`` (and ``budgets_ms`` (N,)), options that cannot fit the budget are
+        masked; the position's mask depends on the row's tier, so pass ``tier_idx`` once
+        the tier is chosen.
+        """
         tier_logits, position_logits = self.stage1(lang_feat, budget_feat)
+        if guard is not None:
+            tier_logits = _mask(tier_logits, guard.tier_mask(budgets_ms))
+            if tier_idx is not None:
+                position_logits = _mask(position_logits, guard.position_mask(budgets_ms, tier_idx))
         return Categorical(logits=tier_logits), Categorical(logits=position_logits)
 
     def _positions(self, insertion_position_idx: torch.Tensor) -> torch.Tensor:
@@ -599,17 +622,28 @@ class TwoStageController(PreTrainedModel):
         lang_feat: torch.Tensor | None = None,
         budget_feat: torch.Tensor | None = None,
         latency_token: torch.Tensor | None = None,
+        guard: "BudgetGuard | None" = None,
+        budgets_ms: torch.Tensor | None = None,
+        tier_idx: torch.Tensor | None = None,
+        top_k_idx: torch.Tensor | None = None,
     ) -> tuple[Categorical, Categorical]:
         """(top_k over K options, num_active_blocks over all_block_options, masked for each row's p).
 
         Mode B reads ``lang_feat`` and ``budget_feat``, Mode A reads ``latency_token``
-        (N, latency_dim); inputs the mode does not use are ignored.
+        (N, latency_dim); inputs the mode does not use are ignored. With a ``guard``
+        (``budgets_ms`` and ``tier_idx`` too), options that cannot fit are masked; the
+        blocks' mask depends on the top-k, so pass ``top_k_idx`` once it is chosen.
         """
         p = self._positions(insertion_position_idx)
         if self.stage2.use_optimized_mode:
             top_k_logits, block_logits = self.stage2(p, lang_feat=lang_feat, budget_feat=budget_feat)
         else:
             top_k_logits, block_logits = self.stage2(p, latency_token=latency_token)
+        if guard is not None:
+            position_idx = p - 1
+            top_k_logits = _mask(top_k_logits, guard.top_k_mask(budgets_ms, tier_idx, position_idx))
+            if top_k_idx is not None:
+                block_logits = _mask(block_logits, guard.blocks_mask(budgets_ms, tier_idx, position_idx, top_k_idx))
         return Categorical(logits=top_k_logits), Categorical(logits=block_logits)
 
     # --- sampling -----------------------------------------------------------------
@@ -620,10 +654,15 @@ class TwoStageController(PreTrainedModel):
         budget_feat: torch.Tensor,
         generator: torch.Generator | None = None,
         greedy: bool = False,
+        guard: "BudgetGuard | None" = None,
+        budgets_ms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tier_idx (N,), insertion_position_idx (N,)): drawn from ``generator``, or argmax if ``greedy``."""
-        tier_dist, position_dist = self.stage1_distributions(lang_feat, budget_feat)
-        return _draw(tier_dist, generator, greedy), _draw(position_dist, generator, greedy)
+        tier_dist, position_dist = self.stage1_distributions(lang_feat, budget_feat, guard, budgets_ms)
+        tier = _draw(tier_dist, generator, greedy)
+        if guard is not None:
+            _, position_dist = self.stage1_distributions(lang_feat, budget_feat, guard, budgets_ms, tier)
+        return tier, _draw(position_dist, generator, greedy)
 
     @torch.no_grad()
     def sample_stage2(
@@ -634,12 +673,20 @@ class TwoStageController(PreTrainedModel):
         latency_token: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         greedy: bool = False,
+        guard: "BudgetGuard | None" = None,
+        budgets_ms: torch.Tensor | None = None,
+        tier_idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(top_k_idx (N,), num_active_blocks_idx (N,)); totals p does not allow are never chosen."""
         top_k_dist, block_dist = self.stage2_distributions(
-            insertion_position_idx, lang_feat, budget_feat, latency_token
+            insertion_position_idx, lang_feat, budget_feat, latency_token, guard, budgets_ms, tier_idx
         )
-        return _draw(top_k_dist, generator, greedy), _draw(block_dist, generator, greedy)
+        top_k = _draw(top_k_dist, generator, greedy)
+        if guard is not None:
+            _, block_dist = self.stage2_distributions(
+                insertion_position_idx, lang_feat, budget_feat, latency_token, guard, budgets_ms, tier_idx, top_k
+            )
+        return top_k, _draw(block_dist, generator, greedy)
 
     @torch.no_grad()
     def sample(
@@ -666,6 +713,8 @@ class TwoStageController(PreTrainedModel):
         lang_feat: torch.Tensor,
         budget_feat: torch.Tensor,
         latency_token: torch.Tensor | None = None,
+        guard: "BudgetGuard | None" = None,
+        budgets_ms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Joint log-probability and per-knob entropies of the taken decisions.
 
@@ -674,6 +723,8 @@ class TwoStageController(PreTrainedModel):
             lang_feat: (N, lang_dim).
             budget_feat: (N, budget_dim); from ``encode_budget`` so gradients reach the encoder.
             latency_token: (N, latency_dim), Mode A only (read from the frozen VLM, no grad).
+            guard / budgets_ms: the budget guard the decisions were sampled under (the
+                same masks, given the taken choices).
 
         Returns:
             ``(log_prob (N,), entropies)``: ``log_prob`` is the sum of the four choices'
@@ -690,8 +741,17 @@ class TwoStageController(PreTrainedModel):
             zip(
                 KNOB_NAMES,
                 (
-                    *self.stage1_distributions(lang_feat, budget_feat),
-                    *self.stage2_distributions(decisions.insertion_position, lang_feat, budget_feat, latency_token),
+                    *self.stage1_distributions(lang_feat, budget_feat, guard, budgets_ms, decisions.tier),
+                    *self.stage2_distributions(
+                        decisions.insertion_position,
+                        lang_feat,
+                        budget_feat,
+                        latency_token,
+                        guard,
+                        budgets_ms,
+                        decisions.tier,
+                        decisions.top_k,
+                    ),
                 ),
             )
         )
@@ -721,6 +781,8 @@ class ModeADecider:
         controller: a Mode-A ``TwoStageController``.
         insertion_position_idx: (N,) Stage 1's p - 1 per row.
         generator, greedy: as in ``sample_stage2``.
+        guard, budgets_ms, tier_idx: the budget guard (optional) with each row's budget
+            (N,) and Stage 1's tier index (N,).
     """
 
     def __init__(
@@ -729,6 +791,9 @@ class ModeADecider:
         insertion_position_idx: torch.Tensor,
         generator: torch.Generator | None = None,
         greedy: bool = False,
+        guard: BudgetGuard | None = None,
+        budgets_ms: torch.Tensor | None = None,
+        tier_idx: torch.Tensor | None = None,
     ) -> None:
         if controller.mode != "A":
             raise ValueError("ModeADecider needs a Mode-A controller (config.mode='A')")
@@ -737,6 +802,7 @@ class ModeADecider:
         device = controller.device
         self.insertion_position_idx = torch.as_tensor(insertion_position_idx).long().to(device)
         self.generator, self.greedy = generator, greedy
+        self.guard, self.budgets_ms, self.tier_idx = guard, budgets_ms, tier_idx
         n = self.insertion_position_idx.shape[0]
         self.latency_tokens = torch.full((n, controller.config.latency_dim), float("nan"), device=device)
         self.top_k = torch.full((n,), -1, dtype=torch.long, device=device)
@@ -749,8 +815,16 @@ class ModeADecider:
         # generate() runs under inference_mode; a clone made outside it can be used by autograd later.
         with torch.inference_mode(False):
             tokens = latency_tokens.detach().float().to(device).clone()
+        guarded = {}
+        if self.guard is not None:
+            guarded = dict(
+                guard=self.guard,
+                budgets_ms=self.budgets_ms[rows.to(self.budgets_ms.device)],
+                tier_idx=self.tier_idx[rows.to(self.tier_idx.device)],
+            )
         top_k, blocks = self.controller.sample_stage2(
-            self.insertion_position_idx[rows], latency_token=tokens, generator=self.generator, greedy=self.greedy
+            self.insertion_position_idx[rows], latency_token=tokens, generator=self.generator, greedy=self.greedy,
+            **guarded,
         )
         with torch.inference_mode(False):
             self.latency_tokens[rows] = tokens

@@ -152,10 +152,17 @@ class FullModelPolicy:
 class ControllerPolicy:
     """A trained ``TwoStageController`` acting greedily (Mode B, or Mode A with a resumable forward)."""
 
-    def __init__(self, controller, vlm: KnobVLM, name: str | None = None):
+    def __init__(self, controller, vlm: KnobVLM, name: str | None = None, table: LatencyTable | None = None):
         from .features import LanguageFeatureExtractor
+        from .guard import BudgetGuard
 
         self.controller = controller.eval()
+        # Served as trained: with the budget guard when the controller was trained with it.
+        self.guard = None
+        if getattr(controller.config, "budget_guard", False):
+            if table is None:
+                raise ValueError("this controller was trained with the budget guard: pass the latency table")
+            self.guard = BudgetGuard(table, vlm.knob_space)
         self.mode = "B" if controller.config.mode == "B" else "A-resumable"
         self.language = LanguageFeatureExtractor(vlm.input_embeddings, vlm.tokenizer)
         self.name = name or f"controller (Mode {controller.config.mode})"
@@ -164,7 +171,16 @@ class ControllerPolicy:
         from .grpo import run_controller
 
         run = run_controller(
-            vlm, self.controller, self.language, images, [s.question for s in samples], budgets, self.mode, 3, greedy=True
+            vlm,
+            self.controller,
+            self.language,
+            images,
+            [s.question for s in samples],
+            budgets,
+            self.mode,
+            3,
+            greedy=True,
+            guard=self.guard,
         )
         return run.knobs, run.answers
 

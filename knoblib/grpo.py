@@ -42,6 +42,7 @@ import torch
 from .controller import Decisions, ModeADecider, TwoStageController
 from .data import VQASample
 from .features import LanguageFeatureExtractor
+from .guard import BudgetGuard
 from .knobs import KnobConfig
 from .latency import BudgetSampler, LatencyTable
 from .reward import RewardConfig, compute_reward
@@ -75,6 +76,8 @@ class GRPOConfig:
         answer_tokens: most tokens decoded per rollout (answers are one word + eos).
         budget_margin: budgets are drawn from the achievable range widened by this
             fraction at both ends.
+        budget_guard: mask options whose profiled latency cannot fit the budget
+            (``knoblib.guard``), in sampling and in the log-probabilities.
         val_every: steps between validations (0 = never during training).
         val_size: validation requests (each paired with budgets from the sweep).
         val_budgets: budgets in the validation sweep.
@@ -96,6 +99,7 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     answer_tokens: int = 3
     budget_margin: float = 0.1
+    budget_guard: bool = True
     val_every: int = 100
     val_size: int = 200
     val_budgets: int = 8
@@ -189,13 +193,15 @@ def run_controller(
     answer_tokens: int,
     generator: torch.Generator | None = None,
     greedy: bool = False,
+    guard: BudgetGuard | None = None,
 ) -> ControlledRun:
     """Let the controller pick each row's knobs (sampled or greedy) and run the VLM with them.
 
     ``mode`` is how Stage 2 gets its input and how the VLM is executed (see the module
     docstring): ``B`` decides everything first and runs one batched generate;
     ``A-resumable`` pauses each row's forward at its p; ``A-naive`` runs a separate
-    partial forward first (counted as extra forwards).
+    partial forward first (counted as extra forwards). With a ``guard``, options whose
+    profiled latency cannot fit each row's budget are masked out of every choice.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid: allowed {list(MODES)}")
@@ -203,23 +209,30 @@ def run_controller(
     n = len(questions)
     lang = language(questions)
     budget_feat = controller.encode_budget(budgets)
-    tier, pos = controller.sample_stage1(lang, budget_feat, generator=generator, greedy=greedy)
+    guarded = {} if guard is None else {"guard": guard, "budgets_ms": budgets}
+    tier, pos = controller.sample_stage1(lang, budget_feat, generator=generator, greedy=greedy, **guarded)
+    if guard is not None:
+        guarded["tier_idx"] = tier
     stage1 = [(space.tiers[t], space.insertion_positions[p]) for t, p in zip(tier.tolist(), pos.tolist())]
     latency_tokens = None
     partial = 0
     if mode == "B":
-        topk, blocks = controller.sample_stage2(pos, lang_feat=lang, budget_feat=budget_feat, generator=generator, greedy=greedy)
+        topk, blocks = controller.sample_stage2(
+            pos, lang_feat=lang, budget_feat=budget_feat, generator=generator, greedy=greedy, **guarded
+        )
         decisions = Decisions(tier, pos, topk, blocks)
         out = vlm.generate(images, questions, decisions.to_knobs(space), answer_tokens)
     elif mode == "A-naive":
         probe = controller.probe_embeddings(budgets)
         latency_tokens = vlm.partial_forward(images, questions, stage1, probe)
         partial = n
-        topk, blocks = controller.sample_stage2(pos, latency_token=latency_tokens, generator=generator, greedy=greedy)
+        topk, blocks = controller.sample_stage2(
+            pos, latency_token=latency_tokens, generator=generator, greedy=greedy, **guarded
+        )
         decisions = Decisions(tier, pos, topk, blocks)
         out = vlm.generate(images, questions, decisions.to_knobs(space), answer_tokens)
     else:
-        decider = ModeADecider(controller, pos, generator=generator, greedy=greedy)
+        decider = ModeADecider(controller, pos, generator=generator, greedy=greedy, **guarded)
         out = vlm.generate(
             images, questions, None, answer_tokens,
             probe_embeddings=controller.probe_embeddings(budgets), decide=decider, stage1=stage1,
@@ -323,14 +336,20 @@ class JointGRPOTrainer:
                 f"controller mode {controller.config.mode!r} does not match training mode {cfg.mode!r} "
                 f"(which needs a Stage-2 mode {cfg.stage2_mode!r} controller)"
             )
+        if bool(getattr(controller.config, "budget_guard", False)) != cfg.budget_guard:
+            raise ValueError(
+                f"controller budget_guard={controller.config.budget_guard} does not match training "
+                f"budget_guard={cfg.budget_guard}"
+            )
         table.check_space(vlm.knob_space)
         if controller.knob_space != vlm.knob_space:
             raise ValueError(f"controller knob space {controller.knob_space} differs from the VLM's {vlm.knob_space}")
         if not train:
             raise ValueError("train is empty: need at least one request")
+        # The VLM stays frozen: rollouts run under no_grad / inference_mode and only the
+        # controller's parameters are in the optimizer (its requires_grad flags are left as
+        # the caller set them).
         self.vlm = vlm.eval()
-        for p in self.vlm.parameters():
-            p.requires_grad_(False)
         self.controller = controller
         self.table = table
         self.train_samples = train
@@ -345,6 +364,7 @@ class JointGRPOTrainer:
                 p.requires_grad_(False)
         self.optimizer = torch.optim.Adam(controller.parameters(), lr=cfg.lr)
         self.budgets = BudgetSampler(table, margin=cfg.budget_margin, seed=cfg.seed)
+        self.guard = BudgetGuard(table, self.space) if cfg.budget_guard else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.data_rng = random.Random(cfg.seed)
         self.order: list[int] = []
@@ -386,11 +406,14 @@ class JointGRPOTrainer:
             self.cfg.answer_tokens,
             generator=None if greedy else self.generator,
             greedy=greedy,
+            guard=self.guard,
         )
         correct = torch.tensor([a == s.answer for a, s in zip(run.answers, rows)])
         latency_ms = self.table.latencies(run.knobs)
         reward, _ = compute_reward(correct, latency_ms, budgets, self.cfg.reward)
-        old_log_prob, _ = self.controller.evaluate_actions(run.decisions, run.lang_feat, run.budget_feat, run.latency_tokens)
+        old_log_prob, _ = self.controller.evaluate_actions(
+            run.decisions, run.lang_feat, run.budget_feat, run.latency_tokens, self.guard, budgets
+        )
         return Rollouts(
             run.decisions,
             run.knobs,
@@ -424,12 +447,16 @@ class JointGRPOTrainer:
         if self.reference is not None:
             with torch.no_grad():
                 ref_feat = self.reference.encode_budget(ro.budgets)
-                ref_log_prob, _ = self.reference.evaluate_actions(ro.decisions, ro.lang_feat, ref_feat, ro.latency_tokens)
+                ref_log_prob, _ = self.reference.evaluate_actions(
+                    ro.decisions, ro.lang_feat, ref_feat, ro.latency_tokens, self.guard, ro.budgets
+                )
         self.controller.train()
         stats: dict = {}
         for _ in range(cfg.inner_iterations):
             budget_feat = self.controller.encode_budget(ro.budgets)
-            log_prob, entropies = self.controller.evaluate_actions(ro.decisions, ro.lang_feat, budget_feat, ro.latency_tokens)
+            log_prob, entropies = self.controller.evaluate_actions(
+                ro.decisions, ro.lang_feat, budget_feat, ro.latency_tokens, self.guard, ro.budgets
+            )
             loss, stats = grpo_loss(log_prob, ro.old_log_prob, advantages, cfg.clip_eps, mask, ref_log_prob, cfg.kl_coef)
             entropy = sum(entropies.values()).mean()
             total = loss - cfg.entropy_coef * entropy

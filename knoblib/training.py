@@ -40,7 +40,9 @@ def make_trainer(
     val = load_split(split_path(data_path("vqa"), "val"))
     if controller is None:
         sampler = BudgetSampler(table, margin=cfg.budget_margin)
-        config = ControllerConfig.for_vlm(vlm, (sampler.low, sampler.high), mode=cfg.stage2_mode, seed=cfg.seed)
+        config = ControllerConfig.for_vlm(
+            vlm, (sampler.low, sampler.high), mode=cfg.stage2_mode, seed=cfg.seed, budget_guard=cfg.budget_guard
+        )
         controller = TwoStageController(config)
     if device is not None:
         vlm.to(device)
@@ -93,7 +95,8 @@ def evaluate_command(args) -> None:
     vlm, table = load_assets(args.model)
     samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
     policies = [
-        ControllerPolicy(TwoStageController.load(path, expected_space=vlm.knob_space), vlm) for path in args.controllers
+        ControllerPolicy(TwoStageController.load(path, expected_space=vlm.knob_space), vlm, table=table)
+        for path in args.controllers
     ]
     policies += [
         LookupTablePolicy(table, load_config_accuracy(data_path("config_accuracy_val.json"))),

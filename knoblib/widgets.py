@@ -207,6 +207,13 @@ class BudgetExplorer:
         self.vlm = vlm.eval()
         self.controllers = {m: controllers[m].eval() for m in MODES if m in controllers}
         self.table = table
+        # Each controller is served as it was trained: with the budget guard or without.
+        from .guard import BudgetGuard
+
+        self.guards = {
+            name: BudgetGuard(table, vlm.knob_space) if getattr(c.config, "budget_guard", False) else None
+            for name, c in controllers.items()
+        }
         self.config_accuracy = dict(config_accuracy)
         self.samples = samples
         self.answer_tokens = answer_tokens
@@ -331,7 +338,8 @@ class BudgetExplorer:
             questions = [s.question for s in rows]
             run = run_controller(
                 self.vlm, self.controllers[mode], self.language, images, questions,
-                torch.tensor(row_budgets, dtype=torch.float32), MODES[mode], self.answer_tokens, greedy=True,
+                torch.tensor(row_budgets, dtype=torch.float64), MODES[mode], self.answer_tokens, greedy=True,
+                guard=self.guards[mode],
             )
             table_knobs = [self.lookup.choose_one(b) for b in row_budgets]
             table_answers = self.vlm.generate(images, questions, table_knobs, self.answer_tokens).answers

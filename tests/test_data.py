@@ -291,18 +291,21 @@ def test_mark_scenes_identical_at_low_tier(samples):
 def test_binding_answers_by_construction(samples):
     binding = [s for s in samples if s.family == "binding"]
     assert binding
-    band = data.BINDING_BAND_WIDTH
+    band = data.TILE_SIZE
     asked_bands = Counter()
     for s in binding:
         shapes = _shapes(s)
         assert len(shapes) == len(s.scene["objects"]) == 3
         assert sorted(o["type"] for o in shapes) == sorted(SHAPE_TYPES)
         assert len({o["color"] for o in shapes}) == 3
-        assert all(10 <= o["size"] <= 14 for o in shapes)
+        assert all(10 <= o["size"] <= 13 for o in shapes)
         ordered = sorted(shapes, key=lambda o: o["x"])
         # One shape per vertical band, strictly inside it (1 px margin).
         for b, o in enumerate(ordered):
             assert b * band + 1 <= o["x"] and o["x"] + o["size"] <= (b + 1) * band - 1, (s.uid, o)
+            # ... and inside one tile row too, so the high tier sees it whole in one crop.
+            row = o["y"] // band
+            assert row * band + 1 <= o["y"] and o["y"] + o["size"] <= (row + 1) * band - 1, (s.uid, o)
         words = s.question.split()
         asked = [w for w in words if w in SHAPE_TYPES]
         assert len(asked) == 1 and not any(w in COLOR_NAMES for w in words), s.question
@@ -328,8 +331,13 @@ def test_count_answers_match_scene(samples):
     for s in count:
         shapes = _shapes(s)
         assert len(shapes) == len(s.scene["objects"])
-        assert 1 <= len(shapes) <= 3
-        assert all(8 <= o["size"] <= 10 for o in shapes)
+        assert 1 <= len(shapes) <= 5
+        assert all(8 <= o["size"] <= 12 for o in shapes)
+        # One shape per tile of the 3x3 grid, strictly inside it.
+        tiles = [(o["x"] // data.TILE_SIZE, o["y"] // data.TILE_SIZE) for o in shapes]
+        assert len(set(tiles)) == len(tiles), s.uid
+        for o, (col, row) in zip(shapes, tiles):
+            assert o["x"] + o["size"] <= (col + 1) * data.TILE_SIZE - 1 and o["y"] + o["size"] <= (row + 1) * data.TILE_SIZE - 1
         assert len({o["color"] for o in shapes}) <= 2
         colors = [w for w in s.question.split() if w in COLOR_NAMES]
         assert len(colors) == 1, s.question
