@@ -88,7 +88,7 @@ class GRPOConfig:
     mode: str = "B"
     group_size: int = 5
     batch_size: int = 8
-    steps: int = 400
+    steps: int = 1500
     lr: float = 3e-3
     inner_iterations: int = 2
     clip_eps: float = 0.2
@@ -100,7 +100,7 @@ class GRPOConfig:
     answer_tokens: int = 3
     budget_margin: float = 0.1
     budget_guard: bool = True
-    val_every: int = 100
+    val_every: int = 250
     val_size: int = 200
     val_budgets: int = 8
     seed: int = 0

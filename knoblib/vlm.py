@@ -271,7 +271,12 @@ class KnobVLM(torch.nn.Module):
         """Write the transformers model (safetensors), the tokenizer and the knob metadata."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        # Weights are stored in float16 (half the size of the shipped checkpoint) and
+        # loaded back as float32 by ``from_pretrained``; the rounding is far below what
+        # changes an answer (tests/test_vlm.py round-trips generate).
+        import copy
+
+        copy.deepcopy(self.model).to(torch.float16).save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         meta = {"vlm_config": asdict(self.vlm_config), "block_importance": self.block_importance}
         tmp = path / (KNOBLIB_CONFIG_NAME + ".tmp")
@@ -296,7 +301,7 @@ class KnobVLM(torch.nn.Module):
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{meta_file} is corrupt: {err}") from err
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = LlavaForConditionalGeneration.from_pretrained(path)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
         if model.config.text_config.vocab_size != len(tokenizer):
             raise ValueError(
                 f"checkpoint at {path} does not match its tokenizer: vocab_size="

@@ -567,8 +567,10 @@ def test_save_and_load_round_trip(vlm, batch, tmp_path):
         b = loaded.generate(images, questions, knobs, max_new_tokens=N_NEW)
         assert torch.equal(a.sequences, b.sequences)
         assert a.answers == b.answers
+    # Weights are stored in float16 and loaded as float32: close, not bit-equal.
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     torch.testing.assert_close(
-        executor_logits(loaded, images, questions), executor_logits(ranked, images, questions), atol=0, rtol=0
+        executor_logits(loaded, images, questions), executor_logits(ranked, images, questions), atol=2e-2, rtol=1e-2
     )
 
 
