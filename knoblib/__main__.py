@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="run folder (default: runs/<mode>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="controller learning rate (default: GRPOConfig's)")
+    p.add_argument("--entropy-coef", type=float, default=None, help="entropy bonus (default: GRPOConfig's)")
+    p.add_argument("--scale-rewards", default=None, choices=["group", "batch", "none"], help="advantage scaling")
     p.add_argument("--export", default=None, help="copy the best controller here when done")
     p.set_defaults(fn=cmd_train)
 

@@ -221,7 +221,7 @@ def budget_sweep(
             hits, ratios, violations, lat = [], [], [], []
             for start in range(0, len(samples), batch_size):
                 chunk = samples[start : start + batch_size]
-                b = torch.full((len(chunk),), float(budget))
+                b = torch.full((len(chunk),), float(budget), dtype=torch.float64)
                 knobs, answers = policy.choose(vlm, chunk, images[start : start + batch_size], b)
                 latency = table.latencies(knobs)
                 hits += [a == s.answer for a, s in zip(answers, chunk)]

@@ -53,8 +53,10 @@ def make_trainer(
 def train_controller_command(args) -> None:
     vlm, table = load_assets(args.model)
     cfg = GRPOConfig(mode=args.mode, seed=args.seed)
-    if args.steps is not None:
-        cfg.steps = args.steps
+    for name in ("steps", "lr", "entropy_coef", "scale_rewards"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+    cfg.__post_init__()
     out = Path(args.out or Path("runs") / args.mode)
     trainer = make_trainer(vlm, table, cfg)
     if args.resume:
