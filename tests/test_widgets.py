@@ -212,14 +212,16 @@ def test_ui_builds_and_follows_the_slider_mode_and_sample(explorer):
 
 
 def test_ui_shows_callback_errors_instead_of_swallowing_them(explorer, monkeypatch):
-    ui = build_explorer_ui(explorer, sample=1, budget_ms=50.0)
+    lo, hi = explorer.budget_range
+    ui = build_explorer_ui(explorer, sample=1, budget_ms=lo + 0.3 * (hi - lo))
     details = find_widget(ui, CSS_CLASSES["details"])
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(explorer, "explain", broken)
-    find_widget(ui, CSS_CLASSES["budget"]).value = 60.0
+    # A value inside the slider's range, so the change really fires the callback.
+    find_widget(ui, CSS_CLASSES["budget"]).value = lo + 0.7 * (hi - lo)
     assert "error: RuntimeError: boom" in details.value
     assert "(error)" in find_widget(ui, CSS_CLASSES["knobs"]).value
 
