@@ -61,6 +61,9 @@ def strip_volatile(path: Path) -> None:
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
+    # The cell papermill injects holds this machine's absolute paths; the parameters cell
+    # above it already shows the values a full run uses.
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
     nb.metadata.pop("widgets", None)
     nb.metadata.get("papermill", {}).pop("start_time", None)
     nb.metadata.get("papermill", {}).pop("end_time", None)
