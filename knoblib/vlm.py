@@ -223,7 +223,7 @@ class KnobVLM(torch.nn.Module):
 
     Attributes:
         model: the transformers model (save / load as usual).
-        tokenizer: the word-level tokenizer (``<image>`` is the placeholder token).
+        tokenizer: the word-level tokenizer (``<image>`` marks where image features go).
         knob_space: the valid configurations for this model.
         block_importance: accuracy drop per block when it alone is removed (higher =
             more important); decides which blocks ``num_active_blocks`` drops.
