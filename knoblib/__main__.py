@@ -7,6 +7,7 @@ The shipped artifacts in ``data/`` are made, in order, by::
     python -m knoblib rank-blocks        # block importance        -> data/model
     python -m knoblib profile-latency    # latency of every config -> data/latency_table.json
     python -m knoblib config-accuracy    # val accuracy per config -> data/config_accuracy_val.json
+    python -m knoblib oracle-gap         # what a family-aware policy could win over the lookup table
     python -m knoblib knob-table         # README's knob table     -> data/knob_table.json
     python -m knoblib train --mode B     # GRPO controller         -> data/controller_B
     python -m knoblib train --mode A-resumable                     -> data/controller_A
@@ -38,10 +39,17 @@ def cmd_data(args) -> None:
 def cmd_pretrain(args) -> None:
     from .pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_every=args.eval_every)
+    cfg = PretrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        stage2_full_fraction=args.stage2_full_fraction,
+    )
     from .pretrain import save_atomically
 
-    vlm, history = pretrain(cfg, data_path(), checkpoint_dir=Path(args.out))
+    vlm, history = pretrain(cfg, data_path(), checkpoint_dir=Path(args.out), device=args.device)
     save_atomically(vlm, Path(args.out))
     (Path(args.out) / "pretrain_log.json").write_text(json.dumps(history))
     print(f"saved the VLM to {args.out}")
@@ -124,6 +132,19 @@ def cmd_evaluate(args) -> None:
     evaluate_command(args)
 
 
+def cmd_oracle_gap(args) -> None:
+    from .evaluate import family_oracle_gap, load_config_accuracy
+    from .latency import BudgetSampler, LatencyTable
+
+    table = LatencyTable.load(args.table)
+    rows = family_oracle_gap(table, load_config_accuracy(args.accuracy), BudgetSampler(table).sweep(args.budgets).tolist())
+    print("| budget ms | lookup table | its val accuracy | family oracle val accuracy | gap |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        gap = r["oracle_accuracy"] - r["lookup_accuracy"]
+        print(f"| {r['budget_ms']:.1f} | {r['lookup']} | {r['lookup_accuracy']:.3f} | {r['oracle_accuracy']:.3f} | {gap:+.3f} |")
+
+
 def cmd_tutorial(args) -> None:
     from .tutorial import run_tutorial
 
@@ -136,10 +157,23 @@ def main(argv: list[str] | None = None) -> None:
 
     sub.add_parser("data", help="generate the synthetic VQA splits and the tokenizer").set_defaults(fn=cmd_data)
 
+    p = sub.add_parser("oracle-gap", help="what a family-aware policy could win over the lookup table (val)")
+    p.add_argument("--table", default=str(data_path("latency_table.json")))
+    p.add_argument("--accuracy", default=str(data_path("config_accuracy_val.json")))
+    p.add_argument("--budgets", type=int, default=8)
+    p.set_defaults(fn=cmd_oracle_gap)
+
     p = sub.add_parser("pretrain", help="train the tiny MoE VLM with random knobs")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--stage2-full-fraction",
+        type=float,
+        default=0.95,
+        help="share of randomly configured steps that keep every block and the default top-k",
+    )
+    p.add_argument("--device", default="cpu", help="where to train (cpu, cuda, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--out", default=str(data_path("model")))

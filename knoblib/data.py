@@ -8,8 +8,9 @@ four question families are designed so that the inference knobs matter
 * ``mark``     -- a small 6x6 white glyph; only distinguishable at higher
                   vision tiers (the glyphs collapse to the same pixels at the
                   low tier's 3x area-downsampling).
-* ``binding``  -- "what color is the square ?" among three shapes: recognise
-                  the shape, then read its color.
+* ``binding``  -- "what color is the shape on the left ?" among three shapes in
+                  three columns: bind a place to a color (the middle column is
+                  blended away at the low tier).
 * ``count``    -- count shapes of one color among distractors (one to three).
 
 Which knob hurts which family most is measured, not assumed: see
@@ -80,6 +81,8 @@ GLYPH_SIZE = 2 * GLYPH_CELL
 GLYPH_POSITIONS: tuple[int, ...] = (9, 33)
 
 COUNT_WORDS: tuple[str, ...] = ("one", "two", "three")
+# The three columns of the tile grid, left to right (the ``binding`` family asks by place).
+SIDES: tuple[str, ...] = ("left", "middle", "right")
 
 FAMILIES: tuple[str, ...] = ("color", "mark", "binding", "count")
 
@@ -105,9 +108,9 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
         "which tiny symbol is in the image ?",
     ),
     "binding": (
-        "what color is the {type} ?",
-        "what is the color of the {type} ?",
-        "which color does the {type} have ?",
+        "what color is the shape on the {side} ?",
+        "what is the color of the {side} shape ?",
+        "which color does the {side} shape have ?",
     ),
     "count": (
         "how many {color} shapes are there ?",
@@ -119,7 +122,7 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
 # Size ranges (inclusive, in pixels) of a shape's bounding-box side.
 COLOR_SHAPE_SIZE = (14, 22)
 MARK_SHAPE_SIZE = (12, 18)
-BINDING_SHAPE_SIZE = (10, 13)
+BINDING_SHAPE_SIZE = (11, 14)
 COUNT_SHAPE_SIZE = (8, 12)
 # Binding and count shapes live inside the tiles of a 3x3 grid (the high tier's crops).
 TILE_SIZE = IMAGE_SIZE // 3
@@ -349,8 +352,10 @@ def _mark_question(rng: random.Random, answer: str) -> tuple[dict, str]:
 
 
 def _binding_question(rng: random.Random, answer: str) -> tuple[dict, str]:
-    # Three shapes, one of each type, in three bands, three distinct colors: the
-    # answer binds a shape type to its color (shape recognition, then a lookup).
+    # Three shapes, one of each type, in the three columns of the tile grid, three
+    # distinct colors: the answer binds a place ("the shape on the left") to its color.
+    # Only the high tier has one crop per column; the low tier's global view blends
+    # the middle column into both halves.
     types_by_band = list(SHAPE_TYPES)
     rng.shuffle(types_by_band)
     asked_band = rng.randrange(3)
@@ -360,13 +365,14 @@ def _binding_question(rng: random.Random, answer: str) -> tuple[dict, str]:
     objects = []
     for band in range(3):
         size = rng.randint(*BINDING_SHAPE_SIZE)
-        # Each shape sits inside one 16 px tile (its band's column, a random row),
-        # so the high tier sees every shape whole in one crop.
-        objects.append(_in_tile(rng, types_by_band[band], colors_by_band[band], band, rng.randrange(3), size))
+        # Each shape sits centred in one 16 px tile (its band's column, a random row).
+        objects.append(
+            _in_tile(rng, types_by_band[band], colors_by_band[band], band, rng.randrange(3), size, centered=True)
+        )
     # Store objects in a random order so list position does not leak the layout.
     rng.shuffle(objects)
     template = rng.choice(QUESTION_TEMPLATES["binding"])
-    return {"objects": objects}, template.format(type=types_by_band[asked_band])
+    return {"objects": objects}, template.format(side=SIDES[asked_band])
 
 
 def _count_question(rng: random.Random, answer: str) -> tuple[dict, str]:
@@ -384,9 +390,14 @@ def _count_question(rng: random.Random, answer: str) -> tuple[dict, str]:
     return {"objects": objects}, question
 
 
-def _in_tile(rng: random.Random, shape_type: str, color: str, column: int, row: int, size: int) -> dict:
-    """A shape placed inside tile (column, row) of the 3x3 grid of 16 px tiles, 1 px margin."""
+def _in_tile(
+    rng: random.Random, shape_type: str, color: str, column: int, row: int, size: int, centered: bool = False
+) -> dict:
+    """A shape placed inside tile (column, row) of the 3x3 grid of 16 px tiles, 1 px margin (or centred)."""
     left, top = column * TILE_SIZE, row * TILE_SIZE
+    if centered:
+        offset = (TILE_SIZE - size) // 2
+        return _shape(shape_type, color, left + offset, top + offset, size)
     x = rng.randint(left + 1, left + TILE_SIZE - 1 - size)
     y = rng.randint(top + 1, top + TILE_SIZE - 1 - size)
     return _shape(shape_type, color, x, y, size)
@@ -534,7 +545,7 @@ def write_default_splits(data_dir: str | Path | None = None) -> dict[str, Path]:
 
 def vocabulary_words() -> list[str]:
     """Every non-special word that can appear in a question or answer, sorted."""
-    fillers = {"type": SHAPE_TYPES, "color": COLOR_NAMES}
+    fillers = {"type": SHAPE_TYPES, "color": COLOR_NAMES, "side": SIDES}
     words: set[str] = set()
     for templates in QUESTION_TEMPLATES.values():
         for template in templates:

@@ -254,3 +254,35 @@ def format_sweep(rows: list[SweepRow]) -> str:
     means = [sum(by[p, b].accuracy for b in budgets) / len(budgets) for p in policies]
     lines.append(f"{'mean acc':>10} | " + " | ".join(f"{m:>24.3f}" for m in means))
     return "\n".join(lines)
+
+
+# --- how much a content-aware policy could win at all ---------------------------------
+def family_oracle_gap(
+    table: LatencyTable, val_accuracy: dict[KnobConfig, dict[str, float]], budgets: list[float]
+) -> list[dict]:
+    """Per budget: the lookup table's validation accuracy vs a family-aware oracle's.
+
+    The oracle knows each question's family and serves that family's most accurate
+    configuration that fits (its accuracy is the mean over families, which are balanced).
+    It bounds what any controller that reads the question can win over the static table:
+    when the two are equal, every family's best feasible configuration is the table's.
+
+    Returns one dict per budget: ``budget_ms``, ``lookup`` (configuration, short form),
+    ``lookup_accuracy``, ``oracle_accuracy``, ``oracle`` ({family: configuration}).
+    """
+    lookup = LookupTablePolicy(table, val_accuracy)
+    rows = []
+    for budget in budgets:
+        chosen = lookup.choose_one(budget)
+        feasible = [k for k in table.feasible(budget) if k in val_accuracy] or [table.fastest()]
+        best = {f: max(feasible, key=lambda k: (val_accuracy[k][f], -table.latency(k))) for f in FAMILIES}
+        rows.append(
+            {
+                "budget_ms": float(budget),
+                "lookup": chosen.short(),
+                "lookup_accuracy": val_accuracy[chosen]["all"],
+                "oracle_accuracy": sum(val_accuracy[best[f]][f] for f in FAMILIES) / len(FAMILIES),
+                "oracle": {f: k.short() for f, k in best.items()},
+            }
+        )
+    return rows

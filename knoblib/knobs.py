@@ -132,6 +132,13 @@ class KnobSpace:
         p = self.insertion_positions[0]
         return KnobConfig(self.tiers[0], p, self.top_k_options[0], self.block_options(p)[0])
 
+    def with_full_stage2(self, knobs: KnobConfig) -> KnobConfig:
+        """``knobs`` with Stage 2 at its largest: default top-k, every block allowed for its p."""
+        self.validate(knobs)
+        return KnobConfig(
+            knobs.tier, knobs.insertion_position, max(self.top_k_options), self.block_options(knobs.insertion_position)[-1]
+        )
+
     def __iter__(self) -> Iterator[KnobConfig]:
         for tier, p in product(self.tiers, self.insertion_positions):
             for k, n in product(self.top_k_options, self.block_options(p)):

@@ -3,7 +3,9 @@
 Each batch runs under one configuration drawn from the knob space (or the full one, a
 fixed fraction of the time), so the model learns to answer with fewer vision tokens,
 fewer experts and fewer blocks: it degrades gracefully instead of collapsing when a
-controller turns a knob down. This is LayerDrop / random-top-k training with the same
+controller turns a knob down. Stage-2 knobs are drawn rarely (``stage2_full_fraction``),
+so that turning them down still costs something: a knob that costs nothing leaves a
+controller nothing to decide. This is LayerDrop / random-top-k training with the same
 executor that serves the model, so training and serving apply the knobs identically.
 
 Run it with ``python -m knoblib pretrain`` (writes ``data/model``), then compute the
@@ -38,6 +40,12 @@ class PretrainConfig:
         weight_decay: AdamW weight decay.
         full_config_fraction: share of steps run at the full configuration; the rest
             draw uniformly from the knob space.
+        stage2_full_fraction: share of the randomly configured steps whose Stage-2 knobs
+            (top_k, num_active_blocks) are reset to their largest values. At 0.95 every
+            top-k and block count is still trained (on 2.5 % of all steps), yet the model
+            relies on its depth, so dropping blocks costs accuracy where a family needs
+            it (``count``); with 0 it learned to leave the droppable blocks unused, and
+            no Stage-2 knob cost anything measurable.
         describe_fraction: share of rows whose target is replaced by the auxiliary
             captioning task ("describe the picture ?" -> every object's color and type):
             dense supervision that makes a from-scratch model learn to read the image
@@ -55,6 +63,7 @@ class PretrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     full_config_fraction: float = 0.5
+    stage2_full_fraction: float = 0.95
     describe_fraction: float = 0.3
     train_size: int | None = None
     eval_every: int = 500
@@ -66,7 +75,7 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
-        for name in ("full_config_fraction", "describe_fraction"):
+        for name in ("full_config_fraction", "stage2_full_fraction", "describe_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: allowed [0, 1]")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -91,11 +100,17 @@ def accuracy(vlm: KnobVLM, samples: list[VQASample], knobs: KnobConfig, batch_si
 
 
 def pretrain(
-    cfg: PretrainConfig, data_dir: Path, log=print, progress: bool = True, checkpoint_dir: Path | None = None
+    cfg: PretrainConfig,
+    data_dir: Path,
+    log=print,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[KnobVLM, list[dict]]:
     """Train a fresh ``KnobVLM`` on the train split; return it and the per-step log rows.
 
     With ``checkpoint_dir``, the model is saved there (atomically) at every evaluation.
+    ``device`` is where the model trains (images are rendered on the CPU and moved per batch).
     """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -107,6 +122,7 @@ def pretrain(
     images = render_all(train)
     val_images = render_all(val)
     vlm = KnobVLM.from_config(cfg.vlm, tokenizer, seed=cfg.seed)
+    vlm.model.to(device)
     space = vlm.knob_space
     configs = list(space)
     full = space.full()
@@ -129,6 +145,8 @@ def pretrain(
             order += fresh
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         knobs = full if rng.random() < cfg.full_config_fraction else rng.choice(configs)
+        if knobs is not full and cfg.stage2_full_fraction > 0 and rng.random() < cfg.stage2_full_fraction:
+            knobs = space.with_full_stage2(knobs)
         vlm.model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)

@@ -65,6 +65,10 @@ class VLMConfig:
         vision_hidden_size / vision_layers / vision_heads / vision_intermediate_size: the CLIP tower.
         patch_size: CLIP patch side in pixels; a 16-px crop gives (16 / patch_size)^2 tokens
             (4 at the default 8: 4 / 20 / 40 vision tokens for the low / medium / high tier).
+        experts_implementation: transformers' MoE kernel choice. ``eager`` loops over the
+            experts that some token was routed to, so at batch 1 a smaller top-k runs fewer
+            expert calls; ``grouped_mm`` (transformers' default) calls every expert and
+            only shrinks their inputs, which on a CPU makes top-k nearly free.
     """
 
     hidden_size: int = 128
@@ -78,6 +82,7 @@ class VLMConfig:
     vision_heads: int = 4
     vision_intermediate_size: int = 128
     patch_size: int = 8
+    experts_implementation: str = "eager"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "num_experts", "default_top_k", "patch_size"):
@@ -196,6 +201,20 @@ class RowPlan:
 
 
 @dataclass
+class _HostPlan:
+    """A ``RowPlan`` copied to Python lists for the block loop (see ``forward_blocks``)."""
+
+    run_block: list[list[bool]]
+    top_k: list[int]
+    p: list[int]
+    decided: list[bool]
+
+    @classmethod
+    def of(cls, plan: RowPlan, decided: torch.Tensor) -> "_HostPlan":
+        return cls(plan.run_block.tolist(), plan.top_k.tolist(), plan.insertion_positions.tolist(), decided.tolist())
+
+
+@dataclass
 class GenerationOutput:
     """What ``KnobVLM.generate`` returns.
 
@@ -249,15 +268,16 @@ class KnobVLM(torch.nn.Module):
             expert_intermediate_size=text.intermediate_size,
         )
         self.knob_space = KnobSpace.for_model(text.num_hidden_layers, text.num_experts_per_tok)
+        model.set_experts_implementation(self.vlm_config.experts_implementation)
         self.block_importance: list[float] | None = None
         if block_importance is not None:
             self.set_block_importance(block_importance)
         self.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
         self.tokens_per_crop = model.config.image_seq_length
         # Per-token top-k for mixed batches, set around each block call (see _route_mask_hook).
+        # The hook is attached only for that call: a module with hooks takes torch's slow
+        # call path, which at batch 1 is measurable on every block.
         self._token_top_k: torch.Tensor | None = None
-        for layer in self.layers:
-            layer.mlp.gate.register_forward_hook(self._route_mask_hook)
 
     # --- construction, saving, loading --------------------------------------------
     @classmethod
@@ -458,21 +478,21 @@ class KnobVLM(torch.nn.Module):
         mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
         return embeds.masked_scatter(mask, features)
 
-    def _run_block(self, idx: int, hidden, plan: RowPlan, decided: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def _run_block(self, idx: int, hidden, rows: "_HostPlan", ctx: dict) -> torch.Tensor:
         """Run block ``idx`` for the rows that execute it, with their top-k."""
-        rows = plan.run_block[:, idx]
-        if not bool(rows.any()):
+        run = [r[idx] for r in rows.run_block]
+        if not any(run):
             return hidden
         # Blocks < p keep the default; rows still undecided (Mode A) are before their p.
-        row_k = torch.where(decided & (plan.insertion_positions <= idx), plan.top_k, self.default_top_k)
+        row_k = [k if (d and p <= idx) else self.default_top_k for k, d, p in zip(rows.top_k, rows.decided, rows.p)]
         layer = self.layers[idx]
         gate = layer.mlp.gate
-        k_max = int(row_k.max())
+        k_max = max(row_k)
         gate.top_k = k_max
-        if bool((row_k == k_max).all()):
-            self._token_top_k = None
-        else:
-            self._token_top_k = row_k.repeat_interleave(hidden.shape[1])
+        hook = None
+        if min(row_k) < k_max:
+            self._token_top_k = torch.tensor(row_k, device=hidden.device).repeat_interleave(hidden.shape[1])
+            hook = gate.register_forward_hook(self._route_mask_hook)
         try:
             out = layer(
                 hidden,
@@ -483,12 +503,15 @@ class KnobVLM(torch.nn.Module):
                 position_embeddings=ctx["position_embeddings"],
             )
         finally:
+            if hook is not None:
+                hook.remove()
             self._token_top_k = None
             gate.top_k = self.default_top_k
-        if bool(rows.all()):
+        if all(run):
             return out
         # Rows that skip this block keep their residual stream unchanged.
-        return torch.where(rows[:, None, None], out, hidden)
+        keep = torch.tensor(run, device=hidden.device)
+        return torch.where(keep[:, None, None], out, hidden)
 
     def _context(self, embeds, attention_mask, position_ids, cache, plan: RowPlan) -> dict:
         lm = self.model.model.language_model
@@ -539,18 +562,22 @@ class KnobVLM(torch.nn.Module):
         if probe_index is not None:
             latency = embeds.new_zeros(embeds.shape[0], embeds.shape[-1])
         hidden = embeds
+        # The plan as Python lists, read once per forward: the per-block decisions then
+        # cost no tensor ops or device syncs (at batch 1 those were ~10 % of the latency).
+        host = _HostPlan.of(plan, decided)
         for idx in range(self.num_layers):
-            pausing = plan.insertion_positions == idx
-            if probe_index is not None and bool(pausing.any()):
+            if probe_index is not None and idx in host.p:
+                pausing = plan.insertion_positions == idx
                 latency[pausing] = hidden[pausing, probe_index]
                 undecided = pausing & ~decided
                 if decide is not None and bool(undecided.any()):
                     rows = undecided.nonzero().squeeze(1)
                     self._apply_stage2(plan, rows, *decide(latency[rows], rows))
                     decided = decided | undecided
+                    host = _HostPlan.of(plan, decided)
             if stop_after is not None and idx >= stop_after:
                 break
-            hidden = self._run_block(idx, hidden, plan, decided, ctx)
+            hidden = self._run_block(idx, hidden, host, ctx)
         return hidden, latency
 
     def _apply_stage2(self, plan: RowPlan, rows: torch.Tensor, top_k, num_active_blocks) -> None:

@@ -298,7 +298,10 @@ def test_binding_answers_by_construction(samples):
         assert len(shapes) == len(s.scene["objects"]) == 3
         assert sorted(o["type"] for o in shapes) == sorted(SHAPE_TYPES)
         assert len({o["color"] for o in shapes}) == 3
-        assert all(10 <= o["size"] <= 13 for o in shapes)
+        lo, hi = data.BINDING_SHAPE_SIZE
+        assert all(lo <= o["size"] <= hi for o in shapes)
+        # Centred in its tile: one fixed place per tile.
+        assert all((o["x"] % band, o["y"] % band) == ((band - o["size"]) // 2,) * 2 for o in shapes), s.uid
         ordered = sorted(shapes, key=lambda o: o["x"])
         # One shape per vertical band, strictly inside it (1 px margin).
         for b, o in enumerate(ordered):
@@ -307,9 +310,9 @@ def test_binding_answers_by_construction(samples):
             row = o["y"] // band
             assert row * band + 1 <= o["y"] and o["y"] + o["size"] <= (row + 1) * band - 1, (s.uid, o)
         words = s.question.split()
-        asked = [w for w in words if w in SHAPE_TYPES]
-        assert len(asked) == 1 and not any(w in COLOR_NAMES for w in words), s.question
-        (target,) = [o for o in shapes if o["type"] == asked[0]]
+        asked = [w for w in words if w in data.SIDES]
+        assert len(asked) == 1 and not any(w in COLOR_NAMES or w in SHAPE_TYPES for w in words), s.question
+        target = ordered[data.SIDES.index(asked[0])]
         assert target["color"] == s.answer
         asked_bands[ordered.index(target)] += 1
         # From the pixels: each band holds exactly its shape's color, the answer's in the asked band.

@@ -114,3 +114,20 @@ def test_for_model_scales_consistently(num_layers, default_top_k):
         assert options[-1] == num_layers and options[0] >= p + 1
     assert min(space.top_k_options) >= 1 and max(space.top_k_options) == default_top_k
     assert space.validate(space.full()) and space.validate(space.cheapest())
+
+
+def test_with_full_stage2_keeps_stage1_and_maxes_stage2():
+    space = KnobSpace.for_model(8, 4)
+    for knobs in space:
+        full2 = space.with_full_stage2(knobs)
+        assert (full2.tier, full2.insertion_position) == (knobs.tier, knobs.insertion_position)
+        assert (full2.top_k, full2.num_active_blocks) == (4, 8)
+    with pytest.raises(ValueError, match="top_k"):
+        space.with_full_stage2(KnobConfig("low", 1, 9, 8))
+
+
+def test_pretrain_config_rejects_bad_stage2_fraction():
+    from knoblib.pretrain import PretrainConfig
+
+    with pytest.raises(ValueError, match="stage2_full_fraction"):
+        PretrainConfig(stage2_full_fraction=1.5)

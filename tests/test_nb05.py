@@ -53,6 +53,8 @@ def test_live_sweep_structure(run):
     assert results["live_max_violation_random_feasible"] == 0.0
     beats, loses = results["live_budgets_controller_B_beats_lookup"], results["live_budgets_controller_B_loses_to_lookup"]
     assert 0 <= beats + loses <= results["live_sweep_budgets"]
+    # The family oracle serves each family's best feasible configuration: never worse than the table.
+    assert results["oracle_gap_max"] >= results["oracle_gap_mean"] >= 0.0
 
 
 def test_quality_shipped_controller(run):

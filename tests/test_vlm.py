@@ -50,10 +50,10 @@ def vlm(tiny_vlm):
 def batch(samples):
     """Three rows whose questions have different lengths (so left padding matters).
 
-    Val samples 2, 4, 6 (binding, color, count; 7, 6 and 8 words): the greedy tokens of
+    Val samples 2, 5, 6 (binding, count, color; 8, 9 and 6 words): the greedy tokens of
     the seeded model vary for them, which the comparisons below need.
     """
-    rows = [samples[i] for i in (2, 4, 6)]
+    rows = [samples[i] for i in (2, 5, 6)]
     assert len({len(s.question.split()) for s in rows}) == 3, [s.question for s in rows]
     return [s.image() for s in rows], [s.question for s in rows]
 
