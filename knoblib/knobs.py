@@ -135,9 +135,8 @@ class KnobSpace:
     def with_full_stage2(self, knobs: KnobConfig) -> KnobConfig:
         """``knobs`` with Stage 2 at its largest: default top-k, every block allowed for its p."""
         self.validate(knobs)
-        return KnobConfig(
-            knobs.tier, knobs.insertion_position, max(self.top_k_options), self.block_options(knobs.insertion_position)[-1]
-        )
+        p = knobs.insertion_position
+        return KnobConfig(knobs.tier, p, self.default_top_k, self.block_options(p)[-1])
 
     def __iter__(self) -> Iterator[KnobConfig]:
         for tier, p in product(self.tiers, self.insertion_positions):
