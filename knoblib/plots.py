@@ -46,7 +46,7 @@ from .latency import KNOB_FIELDS, LatencyTable
 
 # One color per tier and per question family, used consistently across figures.
 TIER_COLORS = {"low": "#1b9e77", "medium": "#d95f02", "high": "#7570b3"}
-FAMILY_COLORS = {"all": "#444444", "color": "#e41a1c", "mark": "#377eb8", "relation": "#4daf4a", "count": "#984ea3"}
+FAMILY_COLORS = {"all": "#444444", "color": "#e41a1c", "mark": "#377eb8", "binding": "#4daf4a", "count": "#984ea3"}
 
 
 # --- helpers --------------------------------------------------------------------------

@@ -113,7 +113,12 @@ def test_plot_budget_encoding_and_similarity():
     assert isinstance(fig, Figure)
     with pytest.raises(ValueError):
         plots.plot_budget_encoding(budgets, torch.rand(5, 3))
-    assert isinstance(plots.plot_similarity_matrix(torch.eye(4), list(FAMILIES)), Figure)
+    assert isinstance(plots.plot_similarity_matrix(torch.eye(len(FAMILIES)), list(FAMILIES)), Figure)
+
+
+def test_every_family_has_its_color():
+    # A family without an entry would be drawn in matplotlib's default cycle, unlike the legend elsewhere.
+    assert set(FAMILIES) | {"all"} == set(plots.FAMILY_COLORS)
 
 
 def test_plot_sweep_accepts_rows_and_dicts():
