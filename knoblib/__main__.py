@@ -220,6 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=None, help="controller learning rate (default: GRPOConfig's)")
     p.add_argument("--entropy-coef", type=float, default=None, help="entropy bonus (default: GRPOConfig's)")
     p.add_argument("--scale-rewards", default=None, choices=["group", "batch", "none"], help="advantage scaling")
+    p.add_argument("--kl-coef", type=float, default=None, help="KL weight to the reference controller (default: GRPOConfig's)")
+    p.add_argument(
+        "--warm-start-steps",
+        type=int,
+        default=None,
+        help="Mode B: behaviour-cloning steps on the lookup table (data/config_accuracy_val.json) before GRPO",
+    )
+    p.add_argument("--warm-start-entropy", type=float, default=None, help="entropy bonus during the warm start")
     p.add_argument("--export", default=None, help="copy the best controller here when done")
     p.set_defaults(fn=cmd_train)
 

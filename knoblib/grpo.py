@@ -87,6 +87,10 @@ class GRPOConfig:
         val_budgets: budgets in the validation sweep.
         seed: seeds batches, budgets and knob sampling.
         reward: the reward weights.
+        warm_start_steps: behaviour-cloning steps on the static lookup table before GRPO
+            (``JointGRPOTrainer.warm_start``; Mode B only; 0 = start from scratch). The
+            ``train`` command runs them when it starts a fresh run.
+        warm_start_entropy: entropy bonus during the warm start (keeps GRPO exploring).
     """
 
     mode: str = "B"
@@ -109,6 +113,8 @@ class GRPOConfig:
     val_budgets: int = 8
     seed: int = 0
     reward: RewardConfig = field(default_factory=RewardConfig)
+    warm_start_steps: int = 0
+    warm_start_entropy: float = 0.5
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -124,10 +130,12 @@ class GRPOConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value} is invalid: must be a positive finite number")
-        for name in ("kl_coef", "entropy_coef", "max_grad_norm", "steps", "val_every", "val_size"):
+        for name in ("kl_coef", "entropy_coef", "max_grad_norm", "steps", "val_every", "val_size", "warm_start_steps", "warm_start_entropy"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} is invalid: must be >= 0")
+        if self.warm_start_steps and self.mode != "B":
+            raise ValueError(f"warm_start_steps={self.warm_start_steps} needs mode 'B' (got {self.mode!r})")
         if isinstance(self.reward, dict):
             self.reward = RewardConfig(**self.reward)
 
@@ -493,6 +501,61 @@ class JointGRPOTrainer:
         }
         self.history.append(metrics)
         return metrics
+
+    # --- warm start ---------------------------------------------------------------
+    def warm_start(
+        self, teacher, steps: int, batch_size: int = 64, lr: float = 3e-3, entropy_coef: float = 0.0, seed: int | None = None
+    ) -> list[float]:
+        """Behaviour cloning before GRPO: fit the controller to a teacher's choices.
+
+        ``teacher(budget_ms) -> KnobConfig`` is a budget-only policy, normally the static
+        lookup table (``knoblib.evaluate.LookupTablePolicy.choose_one``). For ``steps``
+        steps, ``batch_size`` training questions are paired with fresh budgets and the
+        controller's joint log-probability of the teacher's configuration is maximised.
+        GRPO then starts from the baseline's behaviour instead of from uniform choices and
+        only has to find where the question should change the configuration; with
+        ``kl_coef > 0`` the reference becomes the warm-started controller, so the KL term
+        keeps the policy near the baseline where the rewards do not say otherwise.
+        ``entropy_coef`` keeps the cloned policy from collapsing onto the teacher's choice:
+        a collapsed policy samples the same configuration G times, every group has zero
+        reward variance, and GRPO gets no gradient at all.
+
+        Mode B only: Mode A's Stage 2 reads a latency token, which needs a VLM forward
+        per (question, budget, p). The budgets and questions come from generators of
+        their own (seeded), so the GRPO steps that follow are the same with or without a
+        warm start apart from the weights. Returns the per-step negative log-likelihood.
+        """
+        if self.controller.config.mode != "B":
+            raise ValueError("warm_start needs a Mode-B controller: Mode A's Stage 2 reads latency tokens")
+        if self.step_count:
+            raise ValueError(f"warm_start must run before GRPO (this trainer is at step {self.step_count})")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"warm_start needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}")
+        seed = self.cfg.seed + 1 if seed is None else seed
+        rng = random.Random(seed)
+        budgets = BudgetSampler(self.table, margin=self.cfg.budget_margin, seed=seed)
+        optimizer = torch.optim.Adam(self.controller.parameters(), lr=lr)
+        self.controller.train()
+        losses = []
+        for _ in range(steps):
+            rows = rng.sample(self.train_samples, min(batch_size, len(self.train_samples)))
+            b = budgets.sample(len(rows))
+            decisions = Decisions.from_knobs([teacher(float(x)) for x in b], self.space)
+            lang = self.language([s.question for s in rows])
+            log_prob, entropies = self.controller.evaluate_actions(
+                decisions, lang, self.controller.encode_budget(b), guard=self.guard, budgets_ms=b
+            )
+            loss = -log_prob.mean() - entropy_coef * sum(entropies.values()).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(-log_prob.detach().mean()))
+        self.controller.eval()
+        # GRPO starts with a fresh optimizer; the KL anchor is the cloned policy.
+        self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=self.cfg.lr)
+        if self.reference is not None:
+            self.reference.load_state_dict(self.controller.state_dict())
+        return losses
 
     # --- validation ---------------------------------------------------------------
     def val_budgets(self) -> torch.Tensor:

@@ -53,7 +53,7 @@ def make_trainer(
 def train_controller_command(args) -> None:
     vlm, table = load_assets(args.model)
     cfg = GRPOConfig(mode=args.mode, seed=args.seed)
-    for name in ("steps", "lr", "entropy_coef", "scale_rewards"):
+    for name in ("steps", "lr", "entropy_coef", "scale_rewards", "kl_coef", "warm_start_steps", "warm_start_entropy"):
         if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.__post_init__()
@@ -64,6 +64,12 @@ def train_controller_command(args) -> None:
         print(f"resumed from {out / 'last'} at step {trainer.step_count}")
     elif (out / "metrics.jsonl").exists():
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    elif cfg.warm_start_steps:
+        from .evaluate import LookupTablePolicy, load_config_accuracy
+
+        lookup = LookupTablePolicy(table, load_config_accuracy(data_path("config_accuracy_val.json")))
+        losses = trainer.warm_start(lookup.choose_one, cfg.warm_start_steps, entropy_coef=cfg.warm_start_entropy)
+        print(f"warm start: {cfg.warm_start_steps} behaviour-cloning steps on the lookup table, nll {losses[0]:.3f} -> {losses[-1]:.3f}")
     trainer.train(out)
     last = trainer.history[-1]
     print(

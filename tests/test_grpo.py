@@ -169,3 +169,38 @@ def test_kl_term_uses_a_frozen_reference(tiny_vlm, table, pool):
     assert metrics["kl"] >= 0
     for k, v in trainer.reference.state_dict().items():
         assert torch.equal(v, ref[k])
+
+
+def test_warm_start_clones_the_teacher_and_anchors_the_kl(tiny_vlm, table, pool):
+    from knoblib.controller import Decisions
+
+    trainer = make_trainer(tiny_vlm, table, pool, mode="B", kl_coef=0.1)
+    space = trainer.space
+    # A budget-only teacher: the most expensive configuration that fits (like the lookup table).
+    by_latency = sorted(space, key=table.latency)
+
+    def teacher(budget):
+        fits = [k for k in by_latency if table.latency(k) <= budget]
+        return fits[-1] if fits else by_latency[0]
+
+    losses = trainer.warm_start(teacher, steps=150, batch_size=16)
+    assert losses[-1] < 0.5 * losses[0]
+    # The cloned policy puts most of its mass on the teacher's configuration.
+    budgets = BudgetSampler(table, seed=99).sample(32)
+    lang = trainer.language([s.question for s in pool[:16]] * 2)
+    decisions = Decisions.from_knobs([teacher(float(b)) for b in budgets], space)
+    with torch.no_grad():
+        log_prob, _ = trainer.controller.evaluate_actions(
+            decisions, lang, trainer.controller.encode_budget(budgets), guard=trainer.guard, budgets_ms=budgets
+        )
+    assert log_prob.exp().mean() > 0.5
+    # The KL anchor is the cloned policy, and GRPO can start from it.
+    for k, v in trainer.reference.state_dict().items():
+        assert torch.equal(v, trainer.controller.state_dict()[k])
+    assert trainer.train_step()["step"] == 1
+    with pytest.raises(ValueError, match="before GRPO"):
+        trainer.warm_start(teacher, steps=1)
+    with pytest.raises(ValueError, match="Mode-B"):
+        make_trainer(tiny_vlm, table, pool, mode="A-resumable").warm_start(teacher, steps=1)
+    with pytest.raises(ValueError, match="warm_start_steps"):
+        GRPOConfig(mode="A-resumable", warm_start_steps=10)

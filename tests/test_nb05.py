@@ -67,3 +67,11 @@ def test_quality_shipped_controller(run):
     assert results["live_mean_acc_controller_mode_b"] >= results["live_mean_acc_lookup_table"] - 0.15
     # It respects budgets: a violation costs more than any answer is worth.
     assert results["live_max_violation_controller_mode_b"] <= 0.3
+
+
+def test_warm_start_clones_the_table(run):
+    results, _, _ = run
+    assert results["warm_start_steps"] == 5
+    # Behaviour cloning lowers the negative log-likelihood of the table's configuration.
+    assert results["warm_start_nll_last"] < results["warm_start_nll_first"]
+    assert 0.0 <= results["warm_start_agree_with_table"] <= 1.0
