@@ -137,12 +137,24 @@ def cmd_oracle_gap(args) -> None:
     from .latency import BudgetSampler, LatencyTable
 
     table = LatencyTable.load(args.table)
-    rows = family_oracle_gap(table, load_config_accuracy(args.accuracy), BudgetSampler(table).sweep(args.budgets).tolist())
-    print("| budget ms | lookup table | its val accuracy | family oracle val accuracy | gap |")
-    print("|---|---|---|---|---|")
+    score = load_config_accuracy(args.score) if args.score else None
+    rows = family_oracle_gap(
+        table, load_config_accuracy(args.accuracy), BudgetSampler(table).sweep(args.budgets).tolist(), score
+    )
+    head = "| budget ms | lookup table | its val accuracy | family oracle val accuracy | gap |"
+    if score is not None:
+        head += " table on --score | family oracle on --score | gap there |"
+    print(head)
+    print("|---" * head.count(" | ") + "|---|")
     for r in rows:
-        gap = r["oracle_accuracy"] - r["lookup_accuracy"]
-        print(f"| {r['budget_ms']:.1f} | {r['lookup']} | {r['lookup_accuracy']:.3f} | {r['oracle_accuracy']:.3f} | {gap:+.3f} |")
+        line = (f"| {r['budget_ms']:.1f} | {r['lookup']} | {r['lookup_accuracy']:.3f} | {r['oracle_accuracy']:.3f} "
+                f"| {r['oracle_accuracy'] - r['lookup_accuracy']:+.3f} |")
+        if score is not None:
+            line += f" {r['lookup_score']:.3f} | {r['oracle_score']:.3f} | {r['oracle_score'] - r['lookup_score']:+.3f} |"
+        print(line)
+    if score is not None:
+        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        print(f"mean over budgets on --score: table {mean('lookup_score'):.4f}, family oracle {mean('oracle_score'):.4f}")
 
 
 def cmd_tutorial(args) -> None:
@@ -161,6 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table", default=str(data_path("latency_table.json")))
     p.add_argument("--accuracy", default=str(data_path("config_accuracy_val.json")))
     p.add_argument("--budgets", type=int, default=8)
+    p.add_argument(
+        "--score",
+        default=None,
+        help="another split's config accuracy (config-accuracy --split test --out F): score the val choices there",
+    )
     p.set_defaults(fn=cmd_oracle_gap)
 
     p = sub.add_parser("pretrain", help="train the tiny MoE VLM with random knobs")
@@ -225,9 +242,15 @@ def main(argv: list[str] | None = None) -> None:
         "--warm-start-steps",
         type=int,
         default=None,
-        help="Mode B: behaviour-cloning steps on the lookup table (data/config_accuracy_val.json) before GRPO",
+        help="Mode B: behaviour-cloning steps (on --warm-start-teacher, from data/config_accuracy_val.json) before GRPO",
     )
     p.add_argument("--warm-start-entropy", type=float, default=None, help="entropy bonus during the warm start")
+    p.add_argument(
+        "--warm-start-teacher",
+        default=None,
+        choices=["table", "family-table"],
+        help="whom the warm start clones: the lookup table, or the per-family table (default: table)",
+    )
     p.add_argument("--export", default=None, help="copy the best controller here when done")
     p.set_defaults(fn=cmd_train)
 

@@ -122,6 +122,40 @@ class LookupTablePolicy:
         return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
 
 
+class FamilyTablePolicy:
+    """A lookup table per question family: the configuration most accurate *for the
+    request's family* on validation whose latency fits the budget (fastest if none fits).
+
+    Ties go to the overall table's order (more accurate over every family, then faster),
+    so it departs from ``LookupTablePolicy`` only where validation shows a strict gain
+    for that family. It reads each request's family, a label of the synthetic data that
+    a served controller never sees (it sees the question), so it is a bound
+    (``family_oracle_gap``) and a teacher for the Mode-B warm start
+    (``JointGRPOTrainer.warm_start``), not a baseline.
+    """
+
+    name = "family table"
+
+    def __init__(self, table: LatencyTable, val_accuracy: dict[KnobConfig, dict[str, float]]):
+        self.table = table
+        self.ranked = {
+            f: sorted(val_accuracy, key=lambda k, f=f: (-val_accuracy[k][f], -val_accuracy[k]["all"], table.latency(k)))
+            for f in FAMILIES
+        }
+
+    def choose_one(self, family: str, budget: float) -> KnobConfig:
+        if family not in self.ranked:
+            raise ValueError(f"family={family!r} is invalid: allowed {list(self.ranked)}")
+        for knobs in self.ranked[family]:
+            if self.table.latency(knobs) <= budget:
+                return knobs
+        return self.table.fastest()
+
+    def choose(self, vlm, samples, images, budgets: torch.Tensor) -> tuple[list[KnobConfig], list[str]]:
+        knobs = [self.choose_one(s.family, b) for s, b in zip(samples, budgets.tolist())]
+        return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
+
+
 class RandomFeasiblePolicy:
     """Uniform over the configurations whose latency fits the budget (fastest if none fits)."""
 
@@ -258,24 +292,31 @@ def format_sweep(rows: list[SweepRow]) -> str:
 
 # --- how much a content-aware policy could win at all ---------------------------------
 def family_oracle_gap(
-    table: LatencyTable, val_accuracy: dict[KnobConfig, dict[str, float]], budgets: list[float]
+    table: LatencyTable,
+    val_accuracy: dict[KnobConfig, dict[str, float]],
+    budgets: list[float],
+    score_accuracy: dict[KnobConfig, dict[str, float]] | None = None,
 ) -> list[dict]:
     """Per budget: the lookup table's validation accuracy vs a family-aware oracle's.
 
     The oracle knows each question's family and serves that family's most accurate
-    configuration that fits (its accuracy is the mean over families, which are balanced).
+    configuration that fits (``FamilyTablePolicy``; its accuracy is the mean over
+    families, which are balanced).
     It bounds what any controller that reads the question can win over the static table:
     when the two are equal, every family's best feasible configuration is the table's.
 
     Returns one dict per budget: ``budget_ms``, ``lookup`` (configuration, short form),
     ``lookup_accuracy``, ``oracle_accuracy``, ``oracle`` ({family: configuration}).
+    With ``score_accuracy`` (another split's per-configuration accuracies, e.g. test),
+    the same choices (made on validation) are also scored there: ``lookup_score`` and
+    ``oracle_score``, which is what the choices are worth on data they were not picked on.
     """
     lookup = LookupTablePolicy(table, val_accuracy)
+    per_family = FamilyTablePolicy(table, val_accuracy)
     rows = []
     for budget in budgets:
         chosen = lookup.choose_one(budget)
-        feasible = [k for k in table.feasible(budget) if k in val_accuracy] or [table.fastest()]
-        best = {f: max(feasible, key=lambda k: (val_accuracy[k][f], -table.latency(k))) for f in FAMILIES}
+        best = {f: per_family.choose_one(f, budget) for f in FAMILIES}
         rows.append(
             {
                 "budget_ms": float(budget),
@@ -285,4 +326,7 @@ def family_oracle_gap(
                 "oracle": {f: k.short() for f, k in best.items()},
             }
         )
+        if score_accuracy is not None:
+            rows[-1]["lookup_score"] = score_accuracy[chosen]["all"]
+            rows[-1]["oracle_score"] = sum(score_accuracy[best[f]][f] for f in FAMILIES) / len(FAMILIES)
     return rows

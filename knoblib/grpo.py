@@ -50,6 +50,7 @@ from .vlm import KnobVLM
 
 MODES = ("A-naive", "A-resumable", "B")
 SCALE_REWARDS = ("group", "batch", "none")
+WARM_START_TEACHERS = ("table", "family-table")
 CHECKPOINT_FORMAT = "knoblib-grpo-checkpoint"
 
 
@@ -91,6 +92,8 @@ class GRPOConfig:
             (``JointGRPOTrainer.warm_start``; Mode B only; 0 = start from scratch). The
             ``train`` command runs them when it starts a fresh run.
         warm_start_entropy: entropy bonus during the warm start (keeps GRPO exploring).
+        warm_start_teacher: ``table`` (the static lookup table) or ``family-table`` (the
+            most accurate configuration for the request's family; ``FamilyTablePolicy``).
     """
 
     mode: str = "B"
@@ -115,6 +118,7 @@ class GRPOConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     warm_start_steps: int = 0
     warm_start_entropy: float = 0.5
+    warm_start_teacher: str = "table"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -134,6 +138,8 @@ class GRPOConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} is invalid: must be >= 0")
+        if self.warm_start_teacher not in WARM_START_TEACHERS:
+            raise ValueError(f"warm_start_teacher={self.warm_start_teacher!r} is invalid: allowed {list(WARM_START_TEACHERS)}")
         if self.warm_start_steps and self.mode != "B":
             raise ValueError(f"warm_start_steps={self.warm_start_steps} needs mode 'B' (got {self.mode!r})")
         if isinstance(self.reward, dict):
@@ -508,14 +514,17 @@ class JointGRPOTrainer:
     ) -> list[float]:
         """Behaviour cloning before GRPO: fit the controller to a teacher's choices.
 
-        ``teacher(budget_ms) -> KnobConfig`` is a budget-only policy, normally the static
-        lookup table (``knoblib.evaluate.LookupTablePolicy.choose_one``). For ``steps``
-        steps, ``batch_size`` training questions are paired with fresh budgets and the
-        controller's joint log-probability of the teacher's configuration is maximised.
-        GRPO then starts from the baseline's behaviour instead of from uniform choices and
-        only has to find where the question should change the configuration; with
-        ``kl_coef > 0`` the reference becomes the warm-started controller, so the KL term
-        keeps the policy near the baseline where the rewards do not say otherwise.
+        ``teacher(sample, budget_ms) -> KnobConfig`` is a policy over training requests:
+        the static lookup table (``LookupTablePolicy.choose_one`` of the budget alone) or
+        the per-family table (``FamilyTablePolicy.choose_one`` of the sample's family and
+        the budget), both built from validation accuracies (``knoblib.evaluate``). For
+        ``steps`` steps, ``batch_size`` training questions are paired with fresh budgets
+        and the controller's joint log-probability of the teacher's configuration is
+        maximised. The controller itself only sees the question and the budget, so from
+        a per-family teacher it learns to tell the families apart from the question's
+        words. GRPO then starts from the teacher's behaviour instead of from uniform
+        choices; with ``kl_coef > 0`` the reference becomes the warm-started controller,
+        so the KL term keeps the policy near it where the rewards do not say otherwise.
         ``entropy_coef`` keeps the cloned policy from collapsing onto the teacher's choice:
         a collapsed policy samples the same configuration G times, every group has zero
         reward variance, and GRPO gets no gradient at all.
@@ -540,7 +549,7 @@ class JointGRPOTrainer:
         for _ in range(steps):
             rows = rng.sample(self.train_samples, min(batch_size, len(self.train_samples)))
             b = budgets.sample(len(rows))
-            decisions = Decisions.from_knobs([teacher(float(x)) for x in b], self.space)
+            decisions = Decisions.from_knobs([teacher(row, float(x)) for row, x in zip(rows, b)], self.space)
             lang = self.language([s.question for s in rows])
             log_prob, entropies = self.controller.evaluate_actions(
                 decisions, lang, self.controller.encode_budget(b), guard=self.guard, budgets_ms=b

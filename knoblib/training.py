@@ -50,10 +50,28 @@ def make_trainer(
     return JointGRPOTrainer(vlm, controller, table, train, val, cfg)
 
 
+def warm_start_teacher(name: str, table: LatencyTable, accuracy_path: str | Path | None = None):
+    """``teacher(sample, budget_ms) -> KnobConfig`` for ``JointGRPOTrainer.warm_start``.
+
+    ``table``: the static lookup table; ``family-table``: the most accurate configuration
+    for the sample's family. Both from ``data/config_accuracy_val.json`` (validation).
+    """
+    from .evaluate import FamilyTablePolicy, LookupTablePolicy, load_config_accuracy
+
+    accuracy = load_config_accuracy(accuracy_path or data_path("config_accuracy_val.json"))
+    if name == "table":
+        lookup = LookupTablePolicy(table, accuracy)
+        return lambda sample, budget: lookup.choose_one(budget)
+    if name == "family-table":
+        per_family = FamilyTablePolicy(table, accuracy)
+        return lambda sample, budget: per_family.choose_one(sample.family, budget)
+    raise ValueError(f"warm start teacher {name!r} is invalid: allowed ['table', 'family-table']")
+
+
 def train_controller_command(args) -> None:
     vlm, table = load_assets(args.model)
     cfg = GRPOConfig(mode=args.mode, seed=args.seed)
-    for name in ("steps", "lr", "entropy_coef", "scale_rewards", "kl_coef", "warm_start_steps", "warm_start_entropy"):
+    for name in ("steps", "lr", "entropy_coef", "scale_rewards", "kl_coef", "warm_start_steps", "warm_start_entropy", "warm_start_teacher"):
         if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.__post_init__()
@@ -65,11 +83,13 @@ def train_controller_command(args) -> None:
     elif (out / "metrics.jsonl").exists():
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
     elif cfg.warm_start_steps:
-        from .evaluate import LookupTablePolicy, load_config_accuracy
-
-        lookup = LookupTablePolicy(table, load_config_accuracy(data_path("config_accuracy_val.json")))
-        losses = trainer.warm_start(lookup.choose_one, cfg.warm_start_steps, entropy_coef=cfg.warm_start_entropy)
-        print(f"warm start: {cfg.warm_start_steps} behaviour-cloning steps on the lookup table, nll {losses[0]:.3f} -> {losses[-1]:.3f}")
+        losses = trainer.warm_start(
+            warm_start_teacher(cfg.warm_start_teacher, table), cfg.warm_start_steps, entropy_coef=cfg.warm_start_entropy
+        )
+        print(
+            f"warm start: {cfg.warm_start_steps} behaviour-cloning steps on the {cfg.warm_start_teacher} teacher, "
+            f"nll {losses[0]:.3f} -> {losses[-1]:.3f}"
+        )
     trainer.train(out)
     last = trainer.history[-1]
     print(

@@ -9,9 +9,9 @@ from knoblib.__main__ import main
 
 def test_train_command_warm_starts_mode_b(tmp_path, capsys):
     out = tmp_path / "run"
-    main(["train", "--mode", "B", "--steps", "1", "--warm-start-steps", "3", "--kl-coef", "0.05", "--out", str(out)])
+    main(["train", "--mode", "B", "--steps", "1", "--warm-start-steps", "3", "--warm-start-teacher", "family-table", "--kl-coef", "0.05", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "warm start: 3 behaviour-cloning steps on the lookup table" in printed
+    assert "warm start: 3 behaviour-cloning steps on the family-table teacher" in printed
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["step"] == 1 and "val_accuracy" in row
     assert (out / "last" / "trainer_state.pt").is_file()

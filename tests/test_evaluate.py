@@ -39,3 +39,27 @@ def test_oracle_equals_lookup_when_everything_fits(two_config_case):
     acc[a] = {"all": 0.9, **{f: 0.9 for f in FAMILIES}}
     (row,) = family_oracle_gap(table, acc, [100.0])
     assert row["oracle_accuracy"] == pytest.approx(row["lookup_accuracy"]) == pytest.approx(0.9)
+
+
+def test_family_table_departs_from_the_table_only_for_a_strict_gain(two_config_case):
+    from knoblib.evaluate import FamilyTablePolicy
+
+    table, acc, a, b = two_config_case
+    policy = FamilyTablePolicy(table, acc)
+    # color is tied between a and b: the tie goes to the table's choice (a), not to b.
+    assert policy.choose_one("color", 20.0) == a == LookupTablePolicy(table, acc).choose_one(20.0)
+    assert policy.choose_one("count", 20.0) == b
+    assert policy.choose_one("mark", 20.0) == a
+    # Nothing fits: the fastest configuration, like the lookup table.
+    assert policy.choose_one("count", 1.0) == table.fastest()
+    with pytest.raises(ValueError, match="family='shape'"):
+        policy.choose_one("shape", 20.0)
+
+
+def test_oracle_choices_scored_on_another_split(two_config_case):
+    table, acc, a, b = two_config_case
+    other = {k: dict(v) for k, v in acc.items()}
+    other[b]["count"] = 0.1  # on the other split, count's own pick is worse than the table's
+    (row,) = family_oracle_gap(table, acc, [20.0], score_accuracy=other)
+    assert row["lookup_score"] == pytest.approx(other[a]["all"])
+    assert row["oracle_score"] == pytest.approx((1.0 + 1.0 + 0.2 + 0.1) / 4)

@@ -179,7 +179,7 @@ def test_warm_start_clones_the_teacher_and_anchors_the_kl(tiny_vlm, table, pool)
     # A budget-only teacher: the most expensive configuration that fits (like the lookup table).
     by_latency = sorted(space, key=table.latency)
 
-    def teacher(budget):
+    def teacher(sample, budget):
         fits = [k for k in by_latency if table.latency(k) <= budget]
         return fits[-1] if fits else by_latency[0]
 
@@ -188,7 +188,7 @@ def test_warm_start_clones_the_teacher_and_anchors_the_kl(tiny_vlm, table, pool)
     # The cloned policy puts most of its mass on the teacher's configuration.
     budgets = BudgetSampler(table, seed=99).sample(32)
     lang = trainer.language([s.question for s in pool[:16]] * 2)
-    decisions = Decisions.from_knobs([teacher(float(b)) for b in budgets], space)
+    decisions = Decisions.from_knobs([teacher(None, float(b)) for b in budgets], space)
     with torch.no_grad():
         log_prob, _ = trainer.controller.evaluate_actions(
             decisions, lang, trainer.controller.encode_budget(budgets), guard=trainer.guard, budgets_ms=budgets

@@ -72,6 +72,7 @@ def test_quality_shipped_controller(run):
 def test_warm_start_clones_the_table(run):
     results, _, _ = run
     assert results["warm_start_steps"] == 5
-    # Behaviour cloning lowers the negative log-likelihood of the table's configuration.
+    # Behaviour cloning lowers the negative log-likelihood of the teacher's configuration.
     assert results["warm_start_nll_last"] < results["warm_start_nll_first"]
-    assert 0.0 <= results["warm_start_agree_with_table"] <= 1.0
+    assert 0.0 <= results["warm_start_agree_with_teacher"] <= 1.0
+    assert 0.0 <= results["warm_start_teacher_departs_from_table"] <= 1.0
