@@ -10,6 +10,7 @@ The shipped artifacts in ``data/`` are made, in order, by::
     python -m knoblib oracle-gap         # what a family-aware policy could win over the lookup table
     python -m knoblib knob-table         # README's knob table     -> data/knob_table.json
     python -m knoblib train --mode B     # GRPO controller         -> data/controller_B
+        (shipped: --warm-start-steps 300 --warm-start-entropy 0.5 --warm-start-teacher family-table --kl-coef 0.05)
     python -m knoblib train --mode A-resumable                     -> data/controller_A
     python -m knoblib evaluate           # budget sweep            -> data/eval
 """
