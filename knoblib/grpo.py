@@ -549,7 +549,16 @@ class JointGRPOTrainer:
         for _ in range(steps):
             rows = rng.sample(self.train_samples, min(batch_size, len(self.train_samples)))
             b = budgets.sample(len(rows))
-            decisions = Decisions.from_knobs([teacher(row, float(x)) for row, x in zip(rows, b)], self.space)
+            chosen = [teacher(row, float(x)) for row, x in zip(rows, b)]
+            if self.guard is not None:
+                fastest = self.table.fastest()
+                for knobs, x in zip(chosen, b.tolist()):
+                    if knobs != fastest and self.table.latency(knobs) > x:
+                        raise ValueError(
+                            f"the teacher chose {knobs.short()} ({self.table.latency(knobs):.2f} ms) at a budget of "
+                            f"{x:.2f} ms, which the budget guard masks: a teacher must pick configurations that fit"
+                        )
+            decisions = Decisions.from_knobs(chosen, self.space)
             lang = self.language([s.question for s in rows])
             log_prob, entropies = self.controller.evaluate_actions(
                 decisions, lang, self.controller.encode_budget(b), guard=self.guard, budgets_ms=b

@@ -204,3 +204,7 @@ def test_warm_start_clones_the_teacher_and_anchors_the_kl(tiny_vlm, table, pool)
         make_trainer(tiny_vlm, table, pool, mode="A-resumable").warm_start(teacher, steps=1)
     with pytest.raises(ValueError, match="warm_start_steps"):
         GRPOConfig(mode="A-resumable", warm_start_steps=10)
+    # A teacher that picks configurations the budget cannot fit is named, not trained on.
+    greedy_teacher = make_trainer(tiny_vlm, table, pool, mode="B")
+    with pytest.raises(ValueError, match="budget guard masks"):
+        greedy_teacher.warm_start(lambda sample, budget: by_latency[-1], steps=1)
