@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--warm-start-teacher",
         default=None,
-        choices=["table", "family-table"],
+        choices=["table", "family-table"],  # knoblib.grpo.WARM_START_TEACHERS
         help="whom the warm start clones: the lookup table, or the per-family table (default: table)",
     )
     p.add_argument("--export", default=None, help="copy the best controller here when done")

@@ -10,7 +10,7 @@ import torch
 
 from .controller import ControllerConfig, TwoStageController
 from .data import data_path, load_split, split_path
-from .grpo import GRPOConfig, JointGRPOTrainer
+from .grpo import WARM_START_TEACHERS, GRPOConfig, JointGRPOTrainer
 from .latency import BudgetSampler, LatencyTable
 from .vlm import KnobVLM
 
@@ -65,7 +65,7 @@ def warm_start_teacher(name: str, table: LatencyTable, accuracy_path: str | Path
     if name == "family-table":
         per_family = FamilyTablePolicy(table, accuracy)
         return lambda sample, budget: per_family.choose_one(sample.family, budget)
-    raise ValueError(f"warm start teacher {name!r} is invalid: allowed ['table', 'family-table']")
+    raise ValueError(f"warm start teacher {name!r} is invalid: allowed {list(WARM_START_TEACHERS)}")
 
 
 def train_controller_command(args) -> None:
