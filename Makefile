@@ -43,6 +43,7 @@ artifacts: $(STAMP)
 	$(BIN)/python -m knoblib profile-latency
 	$(BIN)/python -m knoblib config-accuracy
 	$(BIN)/python -m knoblib knob-table
+	$(BIN)/python -m knoblib expert-ablation
 	$(BIN)/python -m knoblib train --mode B --warm-start-steps 300 --warm-start-entropy 0.5 --warm-start-teacher family-table --kl-coef 0.05 --out runs/B --export data/controller_B
 	$(BIN)/python -m knoblib train --mode A-resumable --out runs/A-resumable --export data/controller_A
 	$(BIN)/python -m knoblib evaluate

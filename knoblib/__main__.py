@@ -9,6 +9,7 @@ The shipped artifacts in ``data/`` are made, in order, by::
     python -m knoblib config-accuracy    # val accuracy per config -> data/config_accuracy_val.json
     python -m knoblib oracle-gap         # what a family-aware policy could win over the lookup table
     python -m knoblib knob-table         # README's knob table     -> data/knob_table.json
+    python -m knoblib expert-ablation    # why top_k is cheap      -> data/expert_ablation.json
     python -m knoblib train --mode B     # GRPO controller         -> data/controller_B
         (shipped: --warm-start-steps 300 --warm-start-entropy 0.5 --warm-start-teacher family-table --kl-coef 0.05)
     python -m knoblib train --mode A-resumable                     -> data/controller_A
@@ -121,6 +122,28 @@ def cmd_knob_table(args) -> None:
     print(f"saved to {args.out}")
 
 
+def cmd_expert_ablation(args) -> None:
+    from .data import FAMILIES, load_split, split_path
+    from .experts import expert_ablation, router_mass
+    from .vlm import KnobVLM
+
+    vlm = KnobVLM.from_pretrained(args.model)
+    samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+    mass = router_mass(vlm, samples)
+    ablation = expert_ablation(vlm, samples)
+    print(f"router probability kept by the k strongest experts (blocks >= 1, {mass['tokens']} token-blocks):")
+    print("  " + "  ".join(f"k={k}: {m:.2f}" for k, m in mass["kept"].items()))
+    header = "| experts | all | " + " | ".join(FAMILIES) + " |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for row in ablation["rows"]:
+        acc = row["accuracy"]
+        print(f"| {row['name']} | {100 * acc['all']:.1f} | " + " | ".join(f"{100 * acc[f]:.1f}" for f in FAMILIES) + " |")
+    out = {"split": args.split, "n": len(samples), "router_mass": mass, **ablation}
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"saved to {args.out}")
+
+
 def cmd_train(args) -> None:
     from .training import train_controller_command
 
@@ -227,6 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default=str(data_path("knob_table.json")))
     p.set_defaults(fn=cmd_knob_table)
+
+    p = sub.add_parser("expert-ablation", help="router mass and accuracy with fewer experts: why top_k is cheap")
+    _add_model(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--out", default=str(data_path("expert_ablation.json")))
+    p.set_defaults(fn=cmd_expert_ablation)
 
     p = sub.add_parser("train", help="joint GRPO training of the controller")
     _add_model(p)

@@ -14,6 +14,7 @@ section 6).
 | :func:`plot_knob_table` | accuracy per question family and latency, each knob moved alone |
 | :func:`plot_pareto` (+ :func:`pareto_front`) | accuracy vs profiled latency of every fixed configuration |
 | :func:`plot_block_importance` | accuracy lost when each block alone is removed |
+| :func:`plot_expert_ablation` | router mass kept by the k strongest experts, accuracy with fewer experts |
 | :func:`plot_latency_breakdown` | latency per value of each knob |
 | :func:`plot_budgets` | sampled training budgets, the evaluation sweep, the achievable latencies |
 | :func:`plot_stage1_distribution` | how Stage 1's choice probabilities move with the budget |
@@ -206,6 +207,49 @@ def plot_knob_table(rows: Sequence[Mapping], families: Sequence[str] = FAMILIES)
     ax_lat.set_ylim(0, max(ratio) * 1.25)
     ax_lat.set_xticks(x)
     ax_lat.set_xticklabels([f"{n}\n{r.get('knobs', '')}" for n, r in zip(names, rows)], fontsize=7, rotation=30, ha="right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_expert_ablation(
+    mass: Mapping, rows: Sequence[Mapping], top_k_options: Sequence[int] = (), families: Sequence[str] = FAMILIES
+) -> Figure:
+    """Why ``top_k`` is cheap: router mass kept by the k strongest experts, and accuracy per expert setting.
+
+    Args:
+        mass: :func:`knoblib.experts.router_mass`'s result (``kept``: {k: mass}; JSON keys may be strings).
+        rows: :func:`knoblib.experts.expert_ablation`'s ``rows`` (``name``, ``experts``, ``accuracy``).
+        top_k_options: the knob's options, shaded on the left panel.
+        families: the family keys to draw.
+    """
+    rows = list(rows)
+    if not rows or not mass.get("kept"):
+        raise ValueError("plot_expert_ablation needs router mass and at least one ablation row")
+    kept = sorted((int(k), float(v)) for k, v in mass["kept"].items())
+    fig, (ax_mass, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2]})
+    ax_mass.plot([k for k, _ in kept], [v for _, v in kept], marker="o", color="#333333")
+    if top_k_options:
+        ax_mass.axvspan(min(top_k_options) - 0.3, max(top_k_options) + 0.3, color="#4C72B0", alpha=0.15,
+                        label="top_k knob options")
+        ax_mass.legend(fontsize=8, loc="lower right")
+    ax_mass.set_xlabel("k strongest experts")
+    ax_mass.set_ylabel("router probability kept")
+    ax_mass.set_ylim(0, 1.05)
+    ax_mass.set_title("how much of the mixture top_k keeps")
+    ax_mass.grid(alpha=0.3)
+    keys = ["all", *families]
+    x = np.arange(len(rows))
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        values = [100 * float(r["accuracy"].get(key, float("nan"))) for r in rows]
+        ax_acc.bar(x + (i - (len(keys) - 1) / 2) * width, values, width, label=key, color=FAMILY_COLORS.get(key))
+    ax_acc.set_xticks(x)
+    ax_acc.set_xticklabels([textwrap.fill(r["name"], 16) for r in rows], fontsize=7)
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_ylim(0, 118)
+    ax_acc.legend(ncol=len(keys), fontsize=8, loc="upper center")
+    ax_acc.set_title("accuracy with fewer experts (blocks >= 1)")
+    ax_acc.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 

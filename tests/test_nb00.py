@@ -86,3 +86,26 @@ def test_quality_knobs_hurt_families_differently(results):
 
 def test_quality_cheapest_is_cheaper(results):
     assert results["knob_table_cheapest_latency_vs_full"] < 0.8
+
+
+def test_expert_ablation_recorded(results):
+    kept = {int(k): v for k, v in results["router_mass_kept"].items()}
+    assert sorted(kept) == list(range(1, results["num_experts"] + 1))
+    assert all(kept[k] < kept[k + 1] for k in range(1, len(kept)))
+    assert kept[len(kept)] == pytest.approx(1.0, abs=1e-4)
+    experts = results["expert_ablation_experts"]
+    assert list(experts.values())[-3:] == [1, results["default_top_k"] - 1, 0]
+    for acc in results["expert_ablation"].values():
+        assert set(acc) == {"all", *FAMILIES}
+
+
+def test_quality_experts_matter_and_the_first_choice_carries_them(results):
+    # The MoE blocks do work (no experts costs points) and the router's first choice does
+    # most of it (the experts without it lose more than top-1 does): why top_k is cheap here.
+    acc = {name: a["all"] for name, a in results["expert_ablation"].items()}
+    default = next(a for name, a in acc.items() if name.endswith("(default)"))
+    none = acc["no experts in blocks >= 1"]
+    top1 = acc["top_k=1 (outside the knob space)"]
+    without_first = next(a for name, a in acc.items() if "without the strongest" in name)
+    assert default - none >= 0.05
+    assert top1 - without_first >= 0.03

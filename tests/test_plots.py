@@ -64,6 +64,16 @@ def test_plot_knob_table():
     assert isinstance(plots.plot_knob_table(rows), Figure)
 
 
+def test_plot_expert_ablation():
+    acc = {"all": 0.9, **{f: 0.9 for f in FAMILIES}}
+    rows = [{"name": "top_k=4 (default)", "experts": 4, "accuracy": acc},
+            {"name": "no experts in blocks >= 1", "experts": 0, "accuracy": {k: v / 2 for k, v in acc.items()}}]
+    mass = {"kept": {"1": 0.4, "2": 0.6, "3": 0.8, "4": 1.0}}
+    assert isinstance(plots.plot_expert_ablation(mass, rows, top_k_options=(2, 3, 4)), Figure)
+    with pytest.raises(ValueError, match="at least one ablation row"):
+        plots.plot_expert_ablation(mass, [])
+
+
 def test_pareto_front_and_plot(table, accuracy):
     front = plots.pareto_front(accuracy, table)
     assert front[0] == table.fastest() or accuracy[front[0]]["all"] >= accuracy[table.fastest()]["all"]
