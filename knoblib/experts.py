@@ -23,13 +23,13 @@ remove them before returning; the executor is not changed.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from .data import VQASample
+from .evaluate import config_accuracy, knob_table_configs
 from .knobs import KnobConfig
 from .vlm import KnobVLM
 
@@ -88,9 +88,8 @@ def expert_override(
 
 
 def _full_knobs(vlm: KnobVLM) -> KnobConfig:
-    """High tier, every block, default top-k, pausing at p = 1 (top-k knob acts on blocks >= 1)."""
-    full = vlm.knob_space.full()
-    return KnobConfig(full.tier, 1, full.top_k, full.num_active_blocks)
+    """The knob table's full configuration: p = 1, so a top-k setting acts on blocks >= 1."""
+    return knob_table_configs(vlm.knob_space)[0][1]
 
 
 @torch.no_grad()
@@ -127,23 +126,13 @@ def router_mass(vlm: KnobVLM, samples: Sequence[VQASample], batch_size: int = 64
     return {"by_rank": by_rank, "kept": kept, "tokens": count}
 
 
-def _family_accuracy(vlm: KnobVLM, samples: Sequence[VQASample], images: list[torch.Tensor], knobs: KnobConfig, batch_size: int) -> dict:
-    correct: collections.Counter = collections.Counter()
-    total: collections.Counter = collections.Counter()
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        out = vlm.generate(images[start : start + batch_size], [s.question for s in chunk], knobs)
-        for answer, sample in zip(out.answers, chunk):
-            total[sample.family] += 1
-            correct[sample.family] += answer == sample.answer
-    result = {family: correct[family] / total[family] for family in sorted(total)}
-    result["all"] = sum(correct.values()) / len(samples)
-    return result
+def _accuracy(vlm: KnobVLM, samples: Sequence[VQASample], images: list[torch.Tensor], knobs: KnobConfig, batch_size: int) -> dict:
+    return config_accuracy(vlm, list(samples), [knobs], batch_size=batch_size, images=images, progress=False)[knobs]
 
 
 @torch.no_grad()
 def expert_ablation(vlm: KnobVLM, samples: Sequence[VQASample], batch_size: int = 64) -> dict:
-    """Per-family accuracy (fractions; key ``all`` overall) under each expert setting.
+    """Per-family accuracy (``evaluate.config_accuracy``'s dict: fractions, ``all`` overall) per expert setting.
 
     Returns ``{"rows": [{"name", "experts" (experts used per token), "accuracy": {...}}, ...]}`` in
     this order: every ``top_k`` knob option from the default down (all blocks, high tier,
@@ -158,17 +147,17 @@ def expert_ablation(vlm: KnobVLM, samples: Sequence[VQASample], batch_size: int 
     for k in sorted(vlm.knob_space.top_k_options, reverse=True):
         knobs = KnobConfig(full.tier, 1, k, full.num_active_blocks)
         name = f"top_k={k}" + (" (default)" if k == vlm.default_top_k else "")
-        rows.append({"name": name, "experts": k, "accuracy": _family_accuracy(vlm, samples, images, knobs, batch_size)})
+        rows.append({"name": name, "experts": k, "accuracy": _accuracy(vlm, samples, images, knobs, batch_size)})
     if 1 not in vlm.knob_space.top_k_options:
         with expert_override(vlm, top_k=1):
             rows.append({"name": "top_k=1 (outside the knob space)", "experts": 1,
-                         "accuracy": _family_accuracy(vlm, samples, images, full, batch_size)})
+                         "accuracy": _accuracy(vlm, samples, images, full, batch_size)})
     k0 = vlm.default_top_k
     if k0 >= 2:
         with expert_override(vlm, top_k=k0, drop_strongest=True):
             rows.append({"name": f"top_k={k0} without the strongest expert", "experts": k0 - 1,
-                         "accuracy": _family_accuracy(vlm, samples, images, full, batch_size)})
+                         "accuracy": _accuracy(vlm, samples, images, full, batch_size)})
     with expert_override(vlm, remove_experts=True):
         rows.append({"name": "no experts in blocks >= 1", "experts": 0,
-                     "accuracy": _family_accuracy(vlm, samples, images, full, batch_size)})
+                     "accuracy": _accuracy(vlm, samples, images, full, batch_size)})
     return {"rows": rows}

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from knoblib.data import FAMILIES
 from knoblib.experts import expert_ablation, expert_override, router_mass
 from knoblib.knobs import KnobConfig
 
@@ -170,8 +171,8 @@ def test_expert_ablation_rows(vlm, samples):
     assert [row["experts"] for row in result["rows"]] == [*options, 1, k0 - 1, 0]
     for row in result["rows"]:
         acc = row["accuracy"]
-        assert set(acc) == {s.family for s in samples[:6]} | {"all"}
-        assert all(0.0 <= v <= 1.0 for v in acc.values())
+        assert set(acc) == {"all", *FAMILIES}
+        assert all(0.0 <= acc[f] <= 1.0 for f in {"all"} | {s.family for s in samples[:6]})
     assert_no_hooks(vlm)
     with pytest.raises(ValueError, match="at least one sample"):
         expert_ablation(vlm, [])
