@@ -330,10 +330,10 @@ class BudgetExplorer:
         for i, key in enumerate(keys):
             if key not in self._cache:
                 first_row.setdefault(key, i)
-        todo = list(first_row.values())
-        if todo:
-            rows = [samples[i] for i in todo]
-            row_budgets = [budgets[i] for i in todo]
+        pending = list(first_row.values())
+        if pending:
+            rows = [samples[i] for i in pending]
+            row_budgets = [budgets[i] for i in pending]
             images = [s.image() for s in rows]
             questions = [s.question for s in rows]
             run = run_controller(
@@ -343,7 +343,7 @@ class BudgetExplorer:
             )
             table_knobs = [self.lookup.choose_one(b) for b in row_budgets]
             table_answers = self.vlm.generate(images, questions, table_knobs, self.answer_tokens).answers
-            outcomes = zip(todo, rows, row_budgets, run.knobs, run.answers, table_knobs, table_answers)
+            outcomes = zip(pending, rows, row_budgets, run.knobs, run.answers, table_knobs, table_answers)
             for i, s, b, knobs, answer, tk, ta in outcomes:
                 self._cache[keys[i]] = ExplorerResult(
                     sample=s,
