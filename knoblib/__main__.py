@@ -156,6 +156,17 @@ def cmd_evaluate(args) -> None:
     evaluate_command(args)
 
 
+def cmd_answer(args) -> None:
+    from .serving import BudgetedVLM
+
+    # Calibration reports go to stderr: stdout is the one JSON line.
+    served = BudgetedVLM.from_pretrained(
+        args.path, mode=args.mode, table=args.table, progress=False, log=lambda line: print(line, file=sys.stderr)
+    )
+    (result,) = served.answer([args.image], [args.question], args.budget_ms)
+    print(json.dumps(result.as_dict()))
+
+
 def cmd_oracle_gap(args) -> None:
     from .evaluate import family_oracle_gap, load_config_accuracy
     from .latency import BudgetSampler, LatencyTable
@@ -229,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("profile-latency", help="measure every configuration on this machine")
     _add_model(p)
     p.add_argument("--out", default=str(data_path("latency_table.json")))
-    p.add_argument("--answer-tokens", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--answer-tokens", type=int, default=2, help="tokens decoded per measurement (one word + eos)")
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--num-samples", type=int, default=8)
     p.set_defaults(fn=cmd_profile_latency)
@@ -289,10 +300,27 @@ def main(argv: list[str] | None = None) -> None:
     _add_model(p)
     p.add_argument("--controllers", nargs="*", default=[str(data_path("controller_A")), str(data_path("controller_B"))])
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", type=int, default=None, help="requests (default: 1000; 200 with --measured)")
     p.add_argument("--budgets", type=int, default=8)
+    p.add_argument(
+        "--measured",
+        action="store_true",
+        help="serve a seeded subset one request at a time and time each by the wall clock (writes measured.json)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="which requests --measured serves, and in what order")
+    p.add_argument("--table", default="local", help="latency table: local (this machine, calibrated), shipped, or a path")
+    p.add_argument("--quantile", type=float, default=0.95, help="latency quantile the budget guard holds configurations to")
     p.add_argument("--out", default=str(data_path("eval")))
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("answer", help="answer one question about one image under a latency budget (one JSON line)")
+    p.add_argument("--image", required=True, help="path to a 48x48 RGB image file")
+    p.add_argument("--question", required=True)
+    p.add_argument("--budget-ms", type=float, required=True, help="the latency budget in milliseconds on this machine")
+    p.add_argument("--mode", default="B", choices=["A", "B"], help="the controller's Stage-2 mode")
+    p.add_argument("--path", default=None, help="folder with model/ and controller_A|B/ (default: the shipped data/)")
+    p.add_argument("--table", default="local", help="latency table: local (this machine, calibrated), shipped, or a path")
+    p.set_defaults(fn=cmd_answer)
 
     p = sub.add_parser("tutorial", help="execute every notebook (full mode) and print where the results are")
     p.add_argument("--smoke", action="store_true")

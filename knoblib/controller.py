@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Categorical
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
 from .features import BudgetProbe, LatencyBudgetEncoder
-from .guard import BudgetGuard
+from .guard import block_options, position_options, tier_options, top_k_options
 from .knobs import KnobConfig, KnobSpace
 
 KNOB_NAMES: tuple[str, ...] = ("tier", "insertion_position", "top_k", "num_active_blocks")
@@ -55,6 +56,55 @@ def _check_features(name: str, x: torch.Tensor | None, dim: int, rows: int | Non
     return x
 
 
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+
+
+def activation(name: str) -> nn.Module:
+    """The hidden activation of the controller's MLPs.
+
+    ``gelu_tanh`` (GELU's tanh approximation, the default) instead of exact GELU: at
+    batch 1 on a CPU the exact one's erf costs about 4x as much, and the controller's
+    decision must stay a small fraction of the cheapest request.
+    """
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "gelu":
+        return nn.GELU()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"hidden_act={name!r} is invalid: allowed {list(ACTIVATIONS)}")
+
+
+def _like(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` on ``weight``'s device and dtype (no call at all when it already is: batch-1 serving counts microseconds)."""
+    if x.device != weight.device or x.dtype != weight.dtype:
+        return x.to(weight.device, weight.dtype)
+    return x
+
+
+def apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for the controller's layers (Linear, LayerNorm, activations, Sequential), called functionally.
+
+    The same computation and the same autograd graph as ``module(x)``, without
+    ``nn.Module.__call__``: at batch 1 on a CPU each module call costs more than the small
+    matrix product inside it, and a Mode-B decision makes about 30 of them. (No hooks
+    are used on the controller, which is what ``__call__`` would add.)
+    """
+    if isinstance(module, nn.Sequential):
+        for layer in module:
+            x = apply(layer, x)
+        return x
+    if isinstance(module, nn.Linear):
+        return F.linear(x, module.weight, module.bias)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    if isinstance(module, nn.GELU):
+        return F.gelu(x, approximate=module.approximate)
+    if isinstance(module, nn.ReLU):
+        return F.relu(x)
+    return module(x)
+
+
 class PolicyHead(nn.Linear):
     """A linear layer that outputs logits; ``TwoStageController`` initialises it near zero."""
 
@@ -71,7 +121,13 @@ class Knob1PredictorBudgetLanguage(nn.Module):
     """
 
     def __init__(
-        self, lang_dim: int, budget_dim: int, hidden_dim: int, num_tiers: int, num_insertion_positions: int
+        self,
+        lang_dim: int,
+        budget_dim: int,
+        hidden_dim: int,
+        num_tiers: int,
+        num_insertion_positions: int,
+        hidden_act: str = "gelu_tanh",
     ) -> None:
         super().__init__()
         self.lang_dim, self.budget_dim = lang_dim, budget_dim
@@ -79,9 +135,9 @@ class Knob1PredictorBudgetLanguage(nn.Module):
         self.lang_norm = nn.LayerNorm(lang_dim)
         self.trunk = nn.Sequential(
             nn.Linear(lang_dim + budget_dim, hidden_dim),
-            nn.GELU(),
+            activation(hidden_act),
             nn.Linear(hidden_dim, hidden_dim),
-            nn.GELU(),
+            activation(hidden_act),
         )
         self.tier_head = PolicyHead(hidden_dim, num_tiers)
         self.insertion_head = PolicyHead(hidden_dim, num_insertion_positions)
@@ -90,10 +146,10 @@ class Knob1PredictorBudgetLanguage(nn.Module):
         """(lang_feat (N, lang_dim), budget_feat (N, budget_dim)) -> (tier logits (N, T), position logits (N, P))."""
         lang_feat = _check_features("lang_feat", lang_feat, self.lang_dim)
         budget_feat = _check_features("budget_feat", budget_feat, self.budget_dim, lang_feat.shape[0])
-        dtype, device = self.tier_head.weight.dtype, self.tier_head.weight.device
-        lang_feat, budget_feat = lang_feat.to(device, dtype), budget_feat.to(device, dtype)
-        hidden = self.trunk(torch.cat([self.lang_norm(lang_feat), budget_feat], dim=-1))
-        return self.tier_head(hidden), self.insertion_head(hidden)
+        weight = self.tier_head.weight
+        lang_feat, budget_feat = _like(lang_feat, weight), _like(budget_feat, weight)
+        hidden = apply(self.trunk, torch.cat([apply(self.lang_norm, lang_feat), budget_feat], dim=-1))
+        return apply(self.tier_head, hidden), apply(self.insertion_head, hidden)
 
 
 class Knob2Knob3Predictor(nn.Module):
@@ -108,6 +164,7 @@ class Knob2Knob3Predictor(nn.Module):
         max_insertion_position: P.
         top_k_options: the top_k values, one logit each.
         block_options: p -> the ``num_active_blocks`` totals allowed for p, for p = 1..P.
+        hidden_act: the MLP activation (``ACTIVATIONS``).
     """
 
     def __init__(
@@ -121,6 +178,7 @@ class Knob2Knob3Predictor(nn.Module):
         max_insertion_position: int,
         top_k_options: Sequence[int],
         block_options: dict[int, Sequence[int]],
+        hidden_act: str = "gelu_tanh",
     ) -> None:
         super().__init__()
         if sorted(block_options) != list(range(1, max_insertion_position + 1)):
@@ -133,10 +191,12 @@ class Knob2Knob3Predictor(nn.Module):
         self.top_k_options = tuple(int(k) for k in top_k_options)
         self.block_options = {int(p): tuple(int(n) for n in opts) for p, opts in block_options.items()}
         self.all_block_options = tuple(sorted({n for opts in self.block_options.values() for n in opts}))
-        # Row p-1: which of all_block_options p allows.
+        # Row p-1: which of all_block_options p allows. A plain tensor per device, not a
+        # buffer: transformers' from_pretrained leaves non-persistent buffers uninitialised.
         self._mask_table = [
             [n in self.block_options[p] for n in self.all_block_options] for p in range(1, max_insertion_position + 1)
         ]
+        self._mask_cache: dict[torch.device, torch.Tensor] = {}
 
         self.insertion_embedding = nn.Embedding(max_insertion_position, hidden_dim)
         if self.use_optimized_mode:
@@ -149,9 +209,9 @@ class Knob2Knob3Predictor(nn.Module):
             self.latency_token_proj = nn.Linear(latency_dim, hidden_dim)
             fused_inputs = 2
         self.fusion = nn.Sequential(
-            nn.GELU(),
+            activation(hidden_act),
             nn.Linear(fused_inputs * hidden_dim, hidden_dim),
-            nn.GELU(),
+            activation(hidden_act),
         )
         self.top_k_head = PolicyHead(hidden_dim, len(self.top_k_options))
         self.block_head = PolicyHead(hidden_dim, len(self.all_block_options))
@@ -182,11 +242,16 @@ class Knob2Knob3Predictor(nn.Module):
             )
         return p.long()
 
+    def p_mask(self, device: torch.device) -> torch.Tensor:
+        """(P, NB) bool on ``device``: row p-1 says which of ``all_block_options`` p allows."""
+        if device not in self._mask_cache:
+            self._mask_cache[device] = torch.tensor(self._mask_table, dtype=torch.bool, device=device)
+        return self._mask_cache[device]
+
     def knob3_mask(self, insertion_positions: torch.Tensor) -> torch.Tensor:
         """(N,) p values (1-based) -> bool (N, len(all_block_options)), True where the total is allowed."""
         p = self._check_positions(insertion_positions)
-        table = torch.tensor(self._mask_table, dtype=torch.bool, device=p.device)
-        return table[p - 1]
+        return self.p_mask(p.device)[p - 1]
 
     def forward(
         self,
@@ -205,8 +270,8 @@ class Knob2Knob3Predictor(nn.Module):
         """
         p = self._check_positions(insertion_position)
         n = p.shape[0]
-        dtype, device = self.top_k_head.weight.dtype, self.top_k_head.weight.device
-        p = p.to(device)
+        weight = self.top_k_head.weight
+        p = p.to(weight.device)
         if self.use_optimized_mode:
             if latency_token is not None:
                 raise ValueError(
@@ -218,9 +283,9 @@ class Knob2Knob3Predictor(nn.Module):
             lang_feat = _check_features("lang_feat", lang_feat, self.lang_dim, n)
             budget_feat = _check_features("budget_feat", budget_feat, self.budget_dim, n)
             parts = [
-                self.lang_proj(lang_feat.to(device, dtype)),
-                self.budget_proj(budget_feat.to(device, dtype)),
-                self.insertion_embedding(p - 1),
+                apply(self.lang_proj, _like(lang_feat, weight)),
+                apply(self.budget_proj, _like(budget_feat, weight)),
+                self.insertion_embedding.weight[p - 1],
             ]
         else:
             if lang_feat is not None or budget_feat is not None:
@@ -235,12 +300,12 @@ class Knob2Knob3Predictor(nn.Module):
                 )
             latency_token = _check_features("latency_token", latency_token, self.latency_dim, n)
             parts = [
-                self.latency_token_proj(self.latency_norm(latency_token.to(device, dtype))),
-                self.insertion_embedding(p - 1),
+                apply(self.latency_token_proj, apply(self.latency_norm, _like(latency_token, weight))),
+                self.insertion_embedding.weight[p - 1],
             ]
-        hidden = self.fusion(torch.cat(parts, dim=-1))
-        block_logits = self.block_head(hidden).masked_fill(~self.knob3_mask(p), float("-inf"))
-        return self.top_k_head(hidden), block_logits
+        hidden = apply(self.fusion, torch.cat(parts, dim=-1))
+        block_logits = apply(self.block_head, hidden).masked_fill(~self.p_mask(p.device)[p - 1], float("-inf"))
+        return apply(self.top_k_head, hidden), block_logits
 
 
 # --------------------------------------------------------------------------
@@ -359,7 +424,10 @@ class ControllerConfig(PretrainedConfig):
             ``KnobSpace.for_model(16, 8)``.
         lang_dim: width of ``lang_feat`` (the VLM's d_model).
         latency_dim: width of the latency token and the probe (the VLM's hidden size).
-        budget_range_ms: (lo, hi) the budgets are drawn from; sets the normalisation.
+        budget_range: (lo, hi) the budgets the controller is trained on, as fractions of
+            the full configuration's latency on the machine that serves
+            (``LatencyTable.relative``); sets the normalisation, and budgets outside it
+            are saturated to its edges.
         num_frequencies: sin/cos pairs in the budget encoding.
         hidden_dim: width of every hidden layer.
         budget_dim: width of ``budget_feat``.
@@ -367,6 +435,7 @@ class ControllerConfig(PretrainedConfig):
         seed: seeds the initial weights and the fixed probe projection.
         budget_guard: whether the controller is trained and served with the budget
             guard (``knoblib.guard``: options whose profiled latency cannot fit are masked).
+        hidden_act: the MLPs' activation (``ACTIVATIONS``; ``gelu_tanh`` by default).
     """
 
     model_type = "knoblib_controller"
@@ -375,17 +444,26 @@ class ControllerConfig(PretrainedConfig):
     knob_space: dict | None = None
     lang_dim: int = 64
     latency_dim: int = 64
-    budget_range_ms: tuple[float, float] | list[float] = (50.0, 500.0)
+    budget_range: tuple[float, float] | list[float] = (0.5, 1.1)
     num_frequencies: int = 6
     hidden_dim: int = 64
     budget_dim: int = 64
     probe_scale: float = 1.0
     seed: int = 0
     budget_guard: bool = True
+    hidden_act: str = "gelu_tanh"
 
     def __post_init__(self, **kwargs) -> None:
+        if "budget_range_ms" in kwargs:
+            raise ValueError(
+                f"budget_range_ms={kwargs['budget_range_ms']!r}: this controller was saved by an older knoblib that fed "
+                "it budgets in milliseconds of one machine; retrain it (python -m knoblib train), or set "
+                "budget_range = budget_range_ms / (the full configuration's latency on the training machine)"
+            )
         if self.mode not in ("A", "B"):
             raise ValueError(f"mode={self.mode!r} is invalid: allowed 'A' (latency token) or 'B' (optimised)")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is invalid: allowed {list(ACTIVATIONS)}")
         if self.knob_space is None:
             self.knob_space = KnobSpace.for_model().as_dict()
         elif isinstance(self.knob_space, KnobSpace):
@@ -400,12 +478,12 @@ class ControllerConfig(PretrainedConfig):
         for name in ("lang_dim", "latency_dim", "num_frequencies", "hidden_dim", "budget_dim"):
             _positive_int(name, getattr(self, name))
         try:
-            lo, hi = (float(x) for x in self.budget_range_ms)
+            lo, hi = (float(x) for x in self.budget_range)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"budget_range_ms={self.budget_range_ms!r} is invalid: expected (lo, hi)") from err
+            raise ValueError(f"budget_range={self.budget_range!r} is invalid: expected (lo, hi)") from err
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
-            raise ValueError(f"budget_range_ms={self.budget_range_ms!r} is invalid: need finite 0 <= lo < hi")
-        self.budget_range_ms = (lo, hi)
+            raise ValueError(f"budget_range={self.budget_range!r} is invalid: need finite 0 <= lo < hi")
+        self.budget_range = (lo, hi)
         if isinstance(self.probe_scale, bool) or not isinstance(self.probe_scale, (int, float)) or not (
             math.isfinite(self.probe_scale) and self.probe_scale > 0
         ):
@@ -420,8 +498,12 @@ class ControllerConfig(PretrainedConfig):
         return _space_from_dict(self.knob_space)
 
     @classmethod
-    def for_vlm(cls, vlm, budget_range_ms: tuple[float, float], mode: str = "B", **kwargs) -> "ControllerConfig":
-        """A config matching a ``KnobVLM``: its knob space, widths and token-embedding norm."""
+    def for_vlm(cls, vlm, budget_range: tuple[float, float], mode: str = "B", **kwargs) -> "ControllerConfig":
+        """A config matching a ``KnobVLM``: its knob space, widths and token-embedding norm.
+
+        ``budget_range``: relative budgets (fractions of the full configuration's latency),
+        e.g. ``BudgetSampler(table).relative_range``.
+        """
         from .features import LanguageFeatureExtractor
 
         return cls(
@@ -429,7 +511,7 @@ class ControllerConfig(PretrainedConfig):
             knob_space=vlm.knob_space.as_dict(),
             lang_dim=vlm.hidden_size,
             latency_dim=vlm.hidden_size,
-            budget_range_ms=tuple(budget_range_ms),
+            budget_range=tuple(budget_range),
             probe_scale=LanguageFeatureExtractor.from_vlm(vlm).mean_embedding_norm(),
             **kwargs,
         )
@@ -447,12 +529,12 @@ def _mask(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
-def _draw(dist: Categorical, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
-    """(N,) choices: argmax of the logits, or a draw from ``generator`` (the global RNG if None)."""
+def _draw(logits: torch.Tensor, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
+    """(N,) choices from masked logits (N, K): the argmax, or a draw from ``generator`` (global RNG if None)."""
     if greedy:
         # Masked options sit at -inf, so argmax never returns one.
-        return dist.logits.argmax(dim=-1)
-    probs = dist.probs
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
     if generator is not None and generator.device != probs.device:
         # A generator draws only on its own device (e.g. a CPU generator for a CUDA
         # controller): sample there, return the indices on the controller's device.
@@ -485,13 +567,18 @@ class TwoStageController(PreTrainedModel):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.budget_encoder = LatencyBudgetEncoder(
-                config.budget_range_ms, config.num_frequencies, config.hidden_dim, config.budget_dim
+                config.budget_range, config.num_frequencies, config.hidden_dim, config.budget_dim, config.hidden_act
             )
             self.budget_probe = BudgetProbe(
                 self.budget_encoder.encoding_dim, config.latency_dim, seed=config.seed, scale=config.probe_scale
             )
             self.stage1 = Knob1PredictorBudgetLanguage(
-                config.lang_dim, config.budget_dim, config.hidden_dim, len(space.tiers), space.max_insertion_position
+                config.lang_dim,
+                config.budget_dim,
+                config.hidden_dim,
+                len(space.tiers),
+                space.max_insertion_position,
+                config.hidden_act,
             )
             self.stage2 = Knob2Knob3Predictor(
                 use_optimized_mode=config.mode == "B",
@@ -502,6 +589,7 @@ class TwoStageController(PreTrainedModel):
                 max_insertion_position=space.max_insertion_position,
                 top_k_options=space.top_k_options,
                 block_options={p: space.block_options(p) for p in space.insertion_positions},
+                hidden_act=config.hidden_act,
             )
             self.post_init()
 
@@ -569,37 +657,36 @@ class TwoStageController(PreTrainedModel):
     def mode(self) -> str:
         return self.config.mode
 
-    # --- features -----------------------------------------------------------------
-    def encode_budget(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """``budget_feat`` (N, budget_dim), with gradients into the budget encoder."""
-        return self.budget_encoder(budgets_ms)
+    # --- features ---------------------------------------------------------------
+    def encode_budget(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """``budget_feat`` (N, budget_dim) for budgets (N,) relative to the full configuration's
+        latency on the serving machine (``LatencyTable.relative``), with gradients into the encoder."""
+        return self.budget_encoder(budget_ratio)
 
     @torch.no_grad()
-    def probe_embeddings(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """Mode-A probe input embeddings (N, latency_dim), for ``KnobVLM.generate(probe_embeddings=...)``."""
-        return self.budget_probe(self.budget_encoder.sinusoidal(budgets_ms))
+    def probe_embeddings(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """Mode-A probe input embeddings (N, latency_dim) for relative budgets (N,)."""
+        return self.budget_probe(self.budget_encoder.sinusoidal(budget_ratio))
 
-    # --- distributions ------------------------------------------------------------
-    def stage1_distributions(
-        self,
-        lang_feat: torch.Tensor,
-        budget_feat: torch.Tensor,
-        guard: "BudgetGuard | None" = None,
-        budgets_ms: torch.Tensor | None = None,
+    # --- logits and distributions ---------------------------------------------------
+    # ``mask`` below is the budget guard's joint feasibility mask (N, T, P, K, NB) bool
+    # (``BudgetGuard.mask``; None = every option open). Each choice takes its slice of it,
+    # given the choices already made (``knoblib.guard.tier_options`` and friends).
+    def stage1_logits(
+        self, lang_feat: torch.Tensor, budget_feat: torch.Tensor, mask: torch.Tensor | None = None,
         tier_idx: torch.Tensor | None = None,
-    ) -> tuple[Categorical, Categorical]:
-        """(tier over T tiers, insertion position over P) for lang_feat (N, lang_dim), budget_feat (N, budget_dim).
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tier logits (N, T), position logits (N, P)), closed options at -inf.
 
-        With a ``guard`` (and ``budgets_ms`` (N,)), options that cannot fit the budget are
-        masked; the position's mask depends on the row's tier, so pass ``tier_idx`` once
-        the tier is chosen.
+        The position's slice of ``mask`` depends on the row's tier: pass ``tier_idx`` (N,)
+        once the tier is chosen (without it, positions are not masked).
         """
         tier_logits, position_logits = self.stage1(lang_feat, budget_feat)
-        if guard is not None:
-            tier_logits = _mask(tier_logits, guard.tier_mask(budgets_ms))
+        if mask is not None:
+            tier_logits = _mask(tier_logits, tier_options(mask))
             if tier_idx is not None:
-                position_logits = _mask(position_logits, guard.position_mask(budgets_ms, tier_idx))
-        return Categorical(logits=tier_logits), Categorical(logits=position_logits)
+                position_logits = _mask(position_logits, position_options(mask, tier_idx))
+        return tier_logits, position_logits
 
     def _positions(self, insertion_position_idx: torch.Tensor) -> torch.Tensor:
         idx = torch.as_tensor(insertion_position_idx)
@@ -616,83 +703,88 @@ class TwoStageController(PreTrainedModel):
             )
         return idx.long() + 1
 
-    def stage2_distributions(
+    def stage2_logits(
         self,
         insertion_position_idx: torch.Tensor,
         lang_feat: torch.Tensor | None = None,
         budget_feat: torch.Tensor | None = None,
         latency_token: torch.Tensor | None = None,
-        guard: "BudgetGuard | None" = None,
-        budgets_ms: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         tier_idx: torch.Tensor | None = None,
         top_k_idx: torch.Tensor | None = None,
-    ) -> tuple[Categorical, Categorical]:
-        """(top_k over K options, num_active_blocks over all_block_options, masked for each row's p).
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top_k logits (N, K), block logits (N, NB)): totals p forbids and closed options at -inf.
 
         Mode B reads ``lang_feat`` and ``budget_feat``, Mode A reads ``latency_token``
-        (N, latency_dim); inputs the mode does not use are ignored. With a ``guard``
-        (``budgets_ms`` and ``tier_idx`` too), options that cannot fit are masked; the
-        blocks' mask depends on the top-k, so pass ``top_k_idx`` once it is chosen.
+        (N, latency_dim); inputs the mode does not use are ignored. With a ``mask``
+        (and ``tier_idx``), options that cannot fit are closed; the blocks' slice depends
+        on the top-k, so pass ``top_k_idx`` once it is chosen.
         """
         p = self._positions(insertion_position_idx)
         if self.stage2.use_optimized_mode:
             top_k_logits, block_logits = self.stage2(p, lang_feat=lang_feat, budget_feat=budget_feat)
         else:
             top_k_logits, block_logits = self.stage2(p, latency_token=latency_token)
-        if guard is not None:
+        if mask is not None:
             position_idx = p - 1
-            top_k_logits = _mask(top_k_logits, guard.top_k_mask(budgets_ms, tier_idx, position_idx))
+            top_k_logits = _mask(top_k_logits, top_k_options(mask, tier_idx, position_idx))
             if top_k_idx is not None:
-                block_logits = _mask(block_logits, guard.blocks_mask(budgets_ms, tier_idx, position_idx, top_k_idx))
-        return Categorical(logits=top_k_logits), Categorical(logits=block_logits)
+                block_logits = _mask(block_logits, block_options(mask, tier_idx, position_idx, top_k_idx))
+        return top_k_logits, block_logits
 
-    # --- sampling -----------------------------------------------------------------
+    def stage1_distributions(self, *args, **kwargs) -> tuple[Categorical, Categorical]:
+        """``stage1_logits`` as (tier, insertion position) ``Categorical`` distributions."""
+        return tuple(Categorical(logits=x) for x in self.stage1_logits(*args, **kwargs))
+
+    def stage2_distributions(self, *args, **kwargs) -> tuple[Categorical, Categorical]:
+        """``stage2_logits`` as (top_k, num_active_blocks) ``Categorical`` distributions."""
+        return tuple(Categorical(logits=x) for x in self.stage2_logits(*args, **kwargs))
+
+    # --- choosing -----------------------------------------------------------------
     @torch.no_grad()
     def sample_stage1(
         self,
         lang_feat: torch.Tensor,
         budget_feat: torch.Tensor,
+        mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         greedy: bool = False,
-        guard: "BudgetGuard | None" = None,
-        budgets_ms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tier_idx (N,), insertion_position_idx (N,)): drawn from ``generator``, or argmax if ``greedy``."""
-        tier_dist, position_dist = self.stage1_distributions(lang_feat, budget_feat, guard, budgets_ms)
-        tier = _draw(tier_dist, generator, greedy)
-        if guard is not None:
-            _, position_dist = self.stage1_distributions(lang_feat, budget_feat, guard, budgets_ms, tier)
-        return tier, _draw(position_dist, generator, greedy)
+        tier_logits, position_logits = self.stage1(lang_feat, budget_feat)
+        if mask is None:
+            return _draw(tier_logits, generator, greedy), _draw(position_logits, generator, greedy)
+        # One forward; only the masks are sequential (the position's depends on the tier).
+        tier = _draw(_mask(tier_logits, tier_options(mask)), generator, greedy)
+        return tier, _draw(_mask(position_logits, position_options(mask, tier)), generator, greedy)
 
     @torch.no_grad()
     def sample_stage2(
         self,
+        tier_idx: torch.Tensor,
         insertion_position_idx: torch.Tensor,
         lang_feat: torch.Tensor | None = None,
         budget_feat: torch.Tensor | None = None,
         latency_token: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         greedy: bool = False,
-        guard: "BudgetGuard | None" = None,
-        budgets_ms: torch.Tensor | None = None,
-        tier_idx: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(top_k_idx (N,), num_active_blocks_idx (N,)); totals p does not allow are never chosen."""
-        top_k_dist, block_dist = self.stage2_distributions(
-            insertion_position_idx, lang_feat, budget_feat, latency_token, guard, budgets_ms, tier_idx
+        """(top_k_idx (N,), num_active_blocks_idx (N,)); totals p forbids and closed options are never chosen."""
+        top_k_logits, block_logits = self.stage2_logits(
+            insertion_position_idx, lang_feat, budget_feat, latency_token, mask, tier_idx
         )
-        top_k = _draw(top_k_dist, generator, greedy)
-        if guard is not None:
-            _, block_dist = self.stage2_distributions(
-                insertion_position_idx, lang_feat, budget_feat, latency_token, guard, budgets_ms, tier_idx, top_k
-            )
-        return top_k, _draw(block_dist, generator, greedy)
+        top_k = _draw(top_k_logits, generator, greedy)
+        if mask is not None:
+            block_logits = _mask(block_logits, block_options(mask, tier_idx, insertion_position_idx, top_k))
+        return top_k, _draw(block_logits, generator, greedy)
 
     @torch.no_grad()
     def sample(
         self,
         lang_feat: torch.Tensor,
         budget_feat: torch.Tensor,
+        mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         greedy: bool = False,
     ) -> Decisions:
@@ -702,8 +794,8 @@ class TwoStageController(PreTrainedModel):
                 "sample() needs Mode B: in Mode A, Stage 2 reads the latency token at the pause "
                 "(use sample_stage1 and a ModeADecider with KnobVLM.generate)"
             )
-        tier, position = self.sample_stage1(lang_feat, budget_feat, generator, greedy)
-        top_k, blocks = self.sample_stage2(position, lang_feat, budget_feat, generator=generator, greedy=greedy)
+        tier, position = self.sample_stage1(lang_feat, budget_feat, mask, generator, greedy)
+        top_k, blocks = self.sample_stage2(tier, position, lang_feat, budget_feat, mask=mask, generator=generator, greedy=greedy)
         return Decisions(tier, position, top_k, blocks)
 
     # --- scoring for GRPO ---------------------------------------------------------
@@ -712,9 +804,8 @@ class TwoStageController(PreTrainedModel):
         decisions: Decisions,
         lang_feat: torch.Tensor,
         budget_feat: torch.Tensor,
+        mask: torch.Tensor | None = None,
         latency_token: torch.Tensor | None = None,
-        guard: "BudgetGuard | None" = None,
-        budgets_ms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Joint log-probability and per-knob entropies of the taken decisions.
 
@@ -722,9 +813,10 @@ class TwoStageController(PreTrainedModel):
             decisions: the N rows' choices (indices).
             lang_feat: (N, lang_dim).
             budget_feat: (N, budget_dim); from ``encode_budget`` so gradients reach the encoder.
+            mask: the budget guard's feasibility mask (N, T, P, K, NB) the decisions were
+                sampled under (each knob is scored under the same slice, given the
+                choices taken), or None.
             latency_token: (N, latency_dim), Mode A only (read from the frozen VLM, no grad).
-            guard / budgets_ms: the budget guard the decisions were sampled under (the
-                same masks, given the taken choices).
 
         Returns:
             ``(log_prob (N,), entropies)``: ``log_prob`` is the sum of the four choices'
@@ -737,24 +829,15 @@ class TwoStageController(PreTrainedModel):
         _check_features("lang_feat", lang_feat, self.config.lang_dim, n)
         device = self.stage1.tier_head.weight.device
         decisions = decisions.to(device)
-        dists = dict(
-            zip(
-                KNOB_NAMES,
-                (
-                    *self.stage1_distributions(lang_feat, budget_feat, guard, budgets_ms, decisions.tier),
-                    *self.stage2_distributions(
-                        decisions.insertion_position,
-                        lang_feat,
-                        budget_feat,
-                        latency_token,
-                        guard,
-                        budgets_ms,
-                        decisions.tier,
-                        decisions.top_k,
-                    ),
-                ),
-            )
+        if mask is not None:
+            mask = mask.to(device)
+        logits = (
+            *self.stage1_logits(lang_feat, budget_feat, mask, decisions.tier),
+            *self.stage2_logits(
+                decisions.insertion_position, lang_feat, budget_feat, latency_token, mask, decisions.tier, decisions.top_k
+            ),
         )
+        dists = {name: Categorical(logits=x) for name, x in zip(KNOB_NAMES, logits)}
         log_probs = [dists[name].log_prob(getattr(decisions, name)) for name in KNOB_NAMES]
         entropies = {name: dists[name].entropy() for name in KNOB_NAMES}
         return torch.stack(log_probs).sum(0), entropies
@@ -764,10 +847,11 @@ class TwoStageController(PreTrainedModel):
         decisions: Decisions,
         lang_feat: torch.Tensor,
         budget_feat: torch.Tensor,
+        mask: torch.Tensor | None = None,
         latency_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Same as ``evaluate_actions`` (the call that needs gradients)."""
-        return self.evaluate_actions(decisions, lang_feat, budget_feat, latency_token)
+        return self.evaluate_actions(decisions, lang_feat, budget_feat, mask, latency_token)
 
 
 class ModeADecider:
@@ -779,30 +863,29 @@ class ModeADecider:
 
     Args:
         controller: a Mode-A ``TwoStageController``.
-        insertion_position_idx: (N,) Stage 1's p - 1 per row.
+        tier_idx, insertion_position_idx: (N,) Stage 1's choices per row (indices).
+        mask: the budget guard's feasibility mask (N, T, P, K, NB), or None.
         generator, greedy: as in ``sample_stage2``.
-        guard, budgets_ms, tier_idx: the budget guard (optional) with each row's budget
-            (N,) and Stage 1's tier index (N,).
     """
 
     def __init__(
         self,
         controller: TwoStageController,
+        tier_idx: torch.Tensor,
         insertion_position_idx: torch.Tensor,
+        mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         greedy: bool = False,
-        guard: BudgetGuard | None = None,
-        budgets_ms: torch.Tensor | None = None,
-        tier_idx: torch.Tensor | None = None,
     ) -> None:
         if controller.mode != "A":
             raise ValueError("ModeADecider needs a Mode-A controller (config.mode='A')")
         self.controller = controller
         # Everything the decider records lives on the controller's device (the VLM may differ).
         device = controller.device
+        self.tier_idx = torch.as_tensor(tier_idx).long().to(device)
         self.insertion_position_idx = torch.as_tensor(insertion_position_idx).long().to(device)
+        self.mask = None if mask is None else mask.to(device)
         self.generator, self.greedy = generator, greedy
-        self.guard, self.budgets_ms, self.tier_idx = guard, budgets_ms, tier_idx
         n = self.insertion_position_idx.shape[0]
         self.latency_tokens = torch.full((n, controller.config.latency_dim), float("nan"), device=device)
         self.top_k = torch.full((n,), -1, dtype=torch.long, device=device)
@@ -815,16 +898,13 @@ class ModeADecider:
         # generate() runs under inference_mode; a clone made outside it can be used by autograd later.
         with torch.inference_mode(False):
             tokens = latency_tokens.detach().float().to(device).clone()
-        guarded = {}
-        if self.guard is not None:
-            guarded = dict(
-                guard=self.guard,
-                budgets_ms=self.budgets_ms[rows.to(self.budgets_ms.device)],
-                tier_idx=self.tier_idx[rows.to(self.tier_idx.device)],
-            )
         top_k, blocks = self.controller.sample_stage2(
-            self.insertion_position_idx[rows], latency_token=tokens, generator=self.generator, greedy=self.greedy,
-            **guarded,
+            self.tier_idx[rows],
+            self.insertion_position_idx[rows],
+            latency_token=tokens,
+            mask=None if self.mask is None else self.mask[rows],
+            generator=self.generator,
+            greedy=self.greedy,
         )
         with torch.inference_mode(False):
             self.latency_tokens[rows] = tokens
@@ -834,10 +914,9 @@ class ModeADecider:
         top_k_values = [space.top_k_options[i] for i in top_k.tolist()]
         return top_k_values, [space.all_block_options[i] for i in blocks.tolist()]
 
-    def decisions(self, tier_idx: torch.Tensor) -> Decisions:
+    def decisions(self) -> Decisions:
         """The full decisions once every row has paused (raises ValueError otherwise)."""
         missing = (self.top_k < 0).nonzero().flatten().tolist()
         if missing:
             raise ValueError(f"rows {missing[:5]} never reached their pause: no Stage-2 decision recorded")
-        tier = torch.as_tensor(tier_idx).long()
-        return Decisions(tier, self.insertion_position_idx, self.top_k, self.num_active_blocks)
+        return Decisions(self.tier_idx, self.insertion_position_idx, self.top_k, self.num_active_blocks)

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .data import FAMILIES, VQASample
+from .guard import DEFAULT_QUANTILE
 from .knobs import KnobConfig, KnobSpace
-from .latency import LatencyTable
+from .latency import LatencyTable, check_budgets
 from .vlm import KnobVLM
 
 
@@ -101,43 +103,75 @@ def load_config_accuracy(path: str | Path) -> dict[KnobConfig, dict[str, float]]
 
 
 # --- policies ---------------------------------------------------------------------
-class LookupTablePolicy:
-    """The best-validation-accuracy configuration whose latency fits the budget (fastest if none fits)."""
+# A policy picks one configuration per request. Every policy offers the same three calls:
+#   choose(vlm, samples, images, budgets)  -> (knobs, answers)   batched, for table-based sweeps
+#   serve_one(vlm, image, question, budget_ms, answer_tokens) -> (answer, knobs)   one request
+# and reads latencies at the same ``quantile`` as the budget guard, so a baseline and the
+# controller are served the same way. ``reserve_ms`` is the part of each budget a policy
+# keeps for its own decision (``knoblib.serving`` measures it): what is left must fit the
+# configuration's latency.
+class StaticPolicy:
+    """A policy that picks from the budget (and the request) alone, before the model runs."""
+
+    name = "static"
+    reserve_ms = 0.0
+
+    def choose_one(self, budget_ms: float, sample=None) -> KnobConfig:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def choose(self, vlm, samples, images, budgets) -> tuple[list[KnobConfig], list[str]]:
+        budgets = check_budgets(budgets)
+        knobs = [self.choose_one(b, s) for b, s in zip(budgets.tolist(), samples)]
+        return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
+
+    def serve_one(self, vlm, image, question: str, budget_ms: float, answer_tokens: int) -> tuple[str, KnobConfig]:
+        knobs = self.choose_one(budget_ms - self.reserve_ms)
+        return vlm.generate([image], [question], knobs, answer_tokens).answers[0], knobs
+
+
+class LookupTablePolicy(StaticPolicy):
+    """The best-validation-accuracy configuration whose latency fits the budget (fastest if none fits).
+
+    Args:
+        table: this machine's latency table.
+        val_accuracy: per-configuration accuracy on validation (``load_config_accuracy``).
+        quantile: the latency quantile that must fit (the budget guard's).
+    """
 
     name = "lookup table"
 
-    def __init__(self, table: LatencyTable, val_accuracy: dict[KnobConfig, dict[str, float]]):
+    def __init__(self, table: LatencyTable, val_accuracy: dict[KnobConfig, dict[str, float]], quantile: float = DEFAULT_QUANTILE):
         self.table = table
+        table.factor(quantile)  # a quantile the table keeps, else a ValueError naming them
+        self.quantile = float(quantile)
         # Ties go to the faster configuration.
         self.ranked = sorted(val_accuracy, key=lambda k: (-val_accuracy[k]["all"], table.latency(k)))
 
-    def choose_one(self, budget: float) -> KnobConfig:
+    def choose_one(self, budget: float, sample=None) -> KnobConfig:
+        budget = float(check_budgets([budget])[0])
         for knobs in self.ranked:
-            if self.table.latency(knobs) <= budget:
+            if self.table.latency(knobs, self.quantile) <= budget:
                 return knobs
         return self.table.fastest()
 
-    def choose(self, vlm, samples, images, budgets: torch.Tensor) -> tuple[list[KnobConfig], list[str]]:
-        knobs = [self.choose_one(b) for b in budgets.tolist()]
-        return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
 
-
-class FamilyTablePolicy:
+class FamilyTablePolicy(StaticPolicy):
     """A lookup table per question family: the configuration most accurate *for the
     request's family* on validation whose latency fits the budget (fastest if none fits).
 
     Ties go to the overall table's order (more accurate over every family, then faster),
     so it departs from ``LookupTablePolicy`` only where validation shows a strict gain
     for that family. It reads each request's family, a label of the synthetic data that
-    a served controller never sees (it sees the question), so it is a bound
-    (``family_oracle_gap``) and a teacher for the Mode-B warm start
-    (``JointGRPOTrainer.warm_start``), not a baseline.
+    a served controller never sees (it sees the question), so it is an analysis bound
+    (``family_oracle_gap``), not a baseline.
     """
 
     name = "family table"
 
-    def __init__(self, table: LatencyTable, val_accuracy: dict[KnobConfig, dict[str, float]]):
+    def __init__(self, table: LatencyTable, val_accuracy: dict[KnobConfig, dict[str, float]], quantile: float = DEFAULT_QUANTILE):
         self.table = table
+        table.factor(quantile)  # a quantile the table keeps, else a ValueError naming them
+        self.quantile = float(quantile)
         self.ranked = {
             f: sorted(val_accuracy, key=lambda k, f=f: (-val_accuracy[k][f], -val_accuracy[k]["all"], table.latency(k)))
             for f in FAMILIES
@@ -146,83 +180,158 @@ class FamilyTablePolicy:
     def choose_one(self, family: str, budget: float) -> KnobConfig:
         if family not in self.ranked:
             raise ValueError(f"family={family!r} is invalid: allowed {list(self.ranked)}")
+        budget = float(check_budgets([budget])[0])
         for knobs in self.ranked[family]:
-            if self.table.latency(knobs) <= budget:
+            if self.table.latency(knobs, self.quantile) <= budget:
                 return knobs
         return self.table.fastest()
 
-    def choose(self, vlm, samples, images, budgets: torch.Tensor) -> tuple[list[KnobConfig], list[str]]:
-        knobs = [self.choose_one(s.family, b) for s, b in zip(samples, budgets.tolist())]
+    def choose(self, vlm, samples, images, budgets) -> tuple[list[KnobConfig], list[str]]:
+        budgets = check_budgets(budgets)
+        knobs = [self.choose_one(s.family, b) for b, s in zip(budgets.tolist(), samples)]
         return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
 
+    def serve_one(self, vlm, image, question, budget_ms, answer_tokens):
+        raise ValueError("the family table reads the data's family label, which a served request does not have")
 
-class RandomFeasiblePolicy:
+
+class RandomFeasiblePolicy(StaticPolicy):
     """Uniform over the configurations whose latency fits the budget (fastest if none fits)."""
 
     name = "random feasible"
 
-    def __init__(self, table: LatencyTable, seed: int = 0):
+    def __init__(self, table: LatencyTable, seed: int = 0, quantile: float = DEFAULT_QUANTILE):
         self.table = table
+        table.factor(quantile)  # a quantile the table keeps, else a ValueError naming them
+        self.quantile = float(quantile)
         self.rng = random.Random(seed)
 
-    def choose(self, vlm, samples, images, budgets: torch.Tensor):
-        knobs = []
-        for b in budgets.tolist():
-            feasible = self.table.feasible(b)
-            knobs.append(self.rng.choice(feasible) if feasible else self.table.fastest())
-        return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
+    def choose_one(self, budget: float, sample=None) -> KnobConfig:
+        budget = float(check_budgets([budget])[0])
+        feasible = self.table.feasible(budget, self.quantile)
+        return self.rng.choice(feasible) if feasible else self.table.fastest()
 
 
-class FullModelPolicy:
+class FullModelPolicy(StaticPolicy):
     """Always the full configuration."""
 
     name = "full model"
 
-    def choose(self, vlm, samples, images, budgets: torch.Tensor):
-        knobs = [vlm.knob_space.full()] * len(samples)
-        return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
+    def __init__(self, space: KnobSpace | None = None):
+        self.space = space
+
+    def choose_one(self, budget: float, sample=None) -> KnobConfig:
+        check_budgets([budget])
+        return (self.space or KnobSpace.for_model(8, 4)).full()
+
+    def choose(self, vlm, samples, images, budgets):
+        self.space = vlm.knob_space
+        return super().choose(vlm, samples, images, budgets)
+
+    def serve_one(self, vlm, image, question, budget_ms, answer_tokens):
+        self.space = vlm.knob_space
+        return super().serve_one(vlm, image, question, budget_ms, answer_tokens)
 
 
 class ControllerPolicy:
-    """A trained ``TwoStageController`` acting greedily (Mode B, or Mode A with a resumable forward)."""
+    """A trained ``TwoStageController`` acting greedily (Mode B, or Mode A with a resumable forward).
 
-    def __init__(self, controller, vlm: KnobVLM, name: str | None = None, table: LatencyTable | None = None):
+    Served as trained: with the budget guard (at ``quantile``) when the controller was
+    trained with it. Budgets reach it relative to ``table``'s full-configuration latency.
+    """
+
+    reserve_ms = 0.0
+
+    def __init__(
+        self, controller, vlm: KnobVLM, name: str | None = None, table: LatencyTable | None = None,
+        quantile: float = DEFAULT_QUANTILE,
+    ):
         from .features import LanguageFeatureExtractor
         from .guard import BudgetGuard
 
+        if table is None:
+            raise ValueError("a controller needs this machine's latency table (budgets reach it relative to it)")
         self.controller = controller.eval()
-        # Served as trained: with the budget guard when the controller was trained with it.
-        self.guard = None
-        if getattr(controller.config, "budget_guard", False):
-            if table is None:
-                raise ValueError("this controller was trained with the budget guard: pass the latency table")
-            self.guard = BudgetGuard(table, vlm.knob_space)
+        self.table = table
+        self.guard = BudgetGuard(table, vlm.knob_space, quantile) if controller.config.budget_guard else None
         self.mode = "B" if controller.config.mode == "B" else "A-resumable"
         self.language = LanguageFeatureExtractor(vlm.input_embeddings, vlm.tokenizer)
         self.name = name or f"controller (Mode {controller.config.mode})"
+        self._decider = None
 
-    def choose(self, vlm, samples, images, budgets: torch.Tensor):
+    def choose(self, vlm, samples, images, budgets):
         from .grpo import run_controller
 
         run = run_controller(
-            vlm,
-            self.controller,
-            self.language,
-            images,
-            [s.question for s in samples],
-            budgets,
-            self.mode,
-            3,
-            greedy=True,
-            guard=self.guard,
+            vlm, self.controller, self.language, images, [s.question for s in samples], budgets, self.table,
+            self.mode, 3, greedy=True, guard=self.guard,
         )
         return run.knobs, run.answers
+
+    @property
+    def decider(self):
+        """The batch-1 greedy decision path (``knoblib.decision.GreedyDecider``), built once."""
+        if self._decider is None:
+            from .decision import GreedyDecider
+
+            self._decider = GreedyDecider(self.controller, self.language, self.table.reference_ms, self.guard)
+        return self._decider
+
+    @torch.inference_mode()
+    def decide(self, question: str, budget_ms: float, stage2: bool = True) -> tuple[int, ...]:
+        """The controller's decision for one request, as option indices.
+
+        Mode B: (tier, position, top_k, blocks). Mode A: (tier, position) only, since its
+        Stage 2 reads the latency token during the forward; with ``stage2`` it also runs
+        Stage 2 on a blank latency token, which costs what the pause will (to time it).
+        """
+        decider = self.decider
+        fitting = decider.fitting(budget_ms - self.reserve_ms)
+        shared = decider.features(question, budget_ms)
+        tier, position = decider.stage1(shared, fitting)
+        if self.mode == "B":
+            return (tier, position, *decider.stage2(tier, position, fitting, shared))
+        if stage2:
+            blank = torch.zeros(1, self.controller.config.latency_dim)
+            decider.stage2(tier, position, fitting, latency_token=blank)
+        return tier, position
+
+    def serve_one(self, vlm, image, question: str, budget_ms: float, answer_tokens: int) -> tuple[str, KnobConfig]:
+        decider = self.decider
+        start = time.perf_counter()
+        choice = self.decide(question, budget_ms, stage2=False)
+        # Recorded for the serving report: the controller's share of the wall clock.
+        self.last_decision_ms = (time.perf_counter() - start) * 1000.0
+        if self.mode == "B":
+            knobs = decider.knobs(*choice)
+            return vlm.generate([image], [question], knobs, answer_tokens).answers[0], knobs
+        # Mode A: Stage 2 decides at the pause, from the latency token, in the same forward.
+        tier, position = choice
+        fitting = decider.fitting(budget_ms - self.reserve_ms)
+        space = vlm.knob_space
+
+        @torch.inference_mode()
+        def at_pause(latency_tokens: torch.Tensor, rows: torch.Tensor) -> tuple[list[int], list[int]]:
+            top_k, blocks = decider.stage2(tier, position, fitting, latency_token=latency_tokens.float())
+            return [space.top_k_options[top_k]], [space.all_block_options[blocks]]
+
+        ratio = torch.tensor([budget_ms / self.table.reference_ms], dtype=torch.float64)
+        out = vlm.generate(
+            [image], [question], None, answer_tokens,
+            probe_embeddings=self.controller.probe_embeddings(ratio), decide=at_pause,
+            stage1=[(space.tiers[tier], space.insertion_positions[position])],
+        )
+        return out.answers[0], out.knobs[0]
 
 
 # --- the sweep --------------------------------------------------------------------
 @dataclass
 class SweepRow:
-    """One policy at one budget."""
+    """One policy at one budget, latency from this machine's table (each configuration served alone).
+
+    ``mean_latency_ms`` is the mean median latency of the chosen configurations;
+    ``violation_rate`` the share whose median latency exceeds the budget.
+    """
 
     policy: str
     budget_ms: float
@@ -245,9 +354,12 @@ def budget_sweep(
     batch_size: int = 100,
     progress: bool = True,
 ) -> list[SweepRow]:
-    """Every policy at every budget on ``samples``; latency from the table."""
+    """Every policy at every budget on ``samples``; latency from the table (batched, fast)."""
     from tqdm.auto import tqdm
 
+    if not samples:
+        raise ValueError("samples is empty: evaluate at least one request")
+    budgets = check_budgets(list(budgets)).tolist()
     images = [s.image() for s in samples]
     rows = []
     for policy in tqdm(policies, desc="policies", disable=not progress):
@@ -287,6 +399,128 @@ def format_sweep(rows: list[SweepRow]) -> str:
         lines.append(f"{b:>10.1f} | " + " | ".join(f"{c:>24}" for c in cells))
     means = [sum(by[p, b].accuracy for b in budgets) / len(budgets) for p in policies]
     lines.append(f"{'mean acc':>10} | " + " | ".join(f"{m:>24.3f}" for m in means))
+    return "\n".join(lines)
+
+
+@dataclass
+class MeasuredRow:
+    """One policy at one budget, served one request at a time and timed by the wall clock.
+
+    Attributes:
+        policy, budget_ms, n: which policy, which budget (ms on this machine), how many requests.
+        accuracy: exact-match accuracy of the served answers.
+        mean_latency_ms / p50_latency_ms / p95_latency_ms: measured wall clock per request
+            (the policy's decision plus the VLM's work).
+        violation_rate: share of requests whose measured wall clock exceeded the budget.
+        table_mean_latency_ms / table_violation_rate: the same from the latency table
+            (median latency of each chosen configuration), for comparison.
+        reserve_ms: budget the policy kept for its own decision.
+    """
+
+    policy: str
+    budget_ms: float
+    n: int
+    accuracy: float
+    mean_latency_ms: float
+    p50_latency_ms: float
+    p95_latency_ms: float
+    violation_rate: float
+    table_mean_latency_ms: float
+    table_violation_rate: float
+    reserve_ms: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+@torch.inference_mode()
+def measured_sweep(
+    vlm: KnobVLM,
+    policies: list,
+    samples: list[VQASample],
+    table: LatencyTable,
+    budgets: list[float],
+    answer_tokens: int | None = None,
+    seed: int = 0,
+    warmup: int = 10,
+    progress: bool = True,
+) -> list[MeasuredRow]:
+    """Serve every request one at a time with every policy at every budget, and time it.
+
+    The policies take turns request by request (in a seeded shuffled order), so a slow
+    spell of the machine costs each of them alike. Before the sweep, each policy's
+    decision time is measured (``knoblib.serving.measure_reserve``) and reserved out of
+    every budget, as ``BudgetedVLM`` does.
+    """
+    from tqdm.auto import tqdm
+
+    from .serving import measure_reserve, serve_timed
+
+    if not samples:
+        raise ValueError("samples is empty: evaluate at least one request")
+    budgets = check_budgets(list(budgets)).tolist()
+    answer_tokens = table.answer_tokens if answer_tokens is None else answer_tokens
+    images = [s.image() for s in samples]
+    questions = [s.question for s in samples[:8]]
+    for policy in policies:
+        policy.reserve_ms = measure_reserve(policy, questions, [budgets[0], budgets[-1]])
+    # Warm-up: the first requests of a process allocate and are slow for every policy.
+    for i in range(warmup):
+        for policy in policies:
+            policy.serve_one(vlm, images[i % len(images)], samples[i % len(samples)].question, budgets[-1], answer_tokens)
+    rng = random.Random(seed)
+    records: dict[tuple[str, float], list[tuple[bool, float, float]]] = {}
+    bar = tqdm(total=len(policies) * len(budgets) * len(samples), desc="serving", unit="request", disable=not progress)
+    for budget in budgets:
+        for sample, image in zip(samples, images):
+            order = list(policies)
+            rng.shuffle(order)
+            for policy in order:
+                text, knobs, ms = serve_timed(policy, vlm, image, sample.question, budget, answer_tokens)
+                records.setdefault((policy.name, budget), []).append((text == sample.answer, ms, table.latency(knobs)))
+                bar.update(1)
+    bar.close()
+    rows = []
+    for policy in policies:
+        for budget in budgets:
+            rec = records[(policy.name, budget)]
+            wall = [ms for _, ms, _ in rec]
+            table_ms = [t for _, _, t in rec]
+            rows.append(
+                MeasuredRow(
+                    policy=policy.name,
+                    budget_ms=float(budget),
+                    n=len(rec),
+                    accuracy=sum(c for c, _, _ in rec) / len(rec),
+                    mean_latency_ms=sum(wall) / len(wall),
+                    p50_latency_ms=_percentile(wall, 0.5),
+                    p95_latency_ms=_percentile(wall, 0.95),
+                    violation_rate=sum(ms > budget for ms in wall) / len(wall),
+                    table_mean_latency_ms=sum(table_ms) / len(table_ms),
+                    table_violation_rate=sum(t > budget for t in table_ms) / len(table_ms),
+                    reserve_ms=policy.reserve_ms,
+                )
+            )
+    return rows
+
+
+def format_measured(rows: list[MeasuredRow]) -> str:
+    """A plain-text table: per policy and budget, measured figures beside the table-based ones."""
+    head = (
+        f"{'policy':>22} | {'budget ms':>9} | {'acc':>5} | {'mean ms':>7} | {'p50':>6} | {'p95':>6} | "
+        f"{'viol':>5} || {'table ms':>8} | {'table viol':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.policy[:22]:>22} | {r.budget_ms:>9.1f} | {r.accuracy:>5.3f} | {r.mean_latency_ms:>7.1f} | "
+            f"{r.p50_latency_ms:>6.1f} | {r.p95_latency_ms:>6.1f} | {r.violation_rate:>5.3f} || "
+            f"{r.table_mean_latency_ms:>8.1f} | {r.table_violation_rate:>10.3f}"
+        )
     return "\n".join(lines)
 
 

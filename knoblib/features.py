@@ -13,11 +13,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .latency import check_budgets as _as_budgets
 
 
 class LanguageFeatureExtractor:
@@ -55,77 +58,82 @@ class LanguageFeatureExtractor:
             raise ValueError("questions must be a list of strings, got a single string")
         if len(questions) == 0:
             raise ValueError("questions is empty: give at least one question")
-        token_ids: list[list[int]] = []
         for i, question in enumerate(questions):
             if not isinstance(question, str):
                 raise ValueError(f"question {i} is not a string: {question!r}")
-            # No BOS/EOS: special tokens are shared by every prompt and would only blur the mean.
-            ids = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+        # The Rust tokenizer directly (the same normaliser and pre-tokenizer as
+        # ``tokenizer(...)``): the Python wrapper costs more than the whole controller at batch 1.
+        # No BOS/EOS: special tokens are shared by every prompt and would only blur the mean.
+        encodings = self.tokenizer.backend_tokenizer.encode_batch(list(questions), add_special_tokens=False)
+        token_ids = [e.ids for e in encodings]
+        for i, ids in enumerate(token_ids):
             if len(ids) == 0:
-                raise ValueError(f"question {i} is empty (no tokens): {question!r}")
-            token_ids.append(ids)
-        weight = self.embedding.weight
+                raise ValueError(f"question {i} is empty (no tokens): {questions[i]!r}")
+        # The VLM is frozen: no graph into its embedding table.
+        with torch.no_grad():
+            return self.pool(token_ids)
+
+    def pool(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """``lang_feat`` (N, d_model) from N non-empty lists of token ids (no checks: ``__call__`` makes them)."""
+        weight = self.embedding.weight.detach()
+        if len(token_ids) == 1:
+            return weight[torch.tensor(token_ids[0], device=weight.device)].mean(0, keepdim=True).float()
         flat = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long, device=weight.device)
         lengths = torch.tensor([len(ids) for ids in token_ids], device=weight.device)
         offsets = torch.cumsum(lengths, 0) - lengths
-        # The VLM is frozen: no graph into its embedding table.
-        with torch.no_grad():
-            pooled = F.embedding_bag(flat, weight, offsets, mode="mean")
-        return pooled.detach().float()
+        return F.embedding_bag(flat, weight, offsets, mode="mean").float()
+
+    def token_ids(self, question: str) -> list[int]:
+        """The question's token ids (no BOS/EOS), as ``__call__`` pools them."""
+        return self.tokenizer.backend_tokenizer.encode(question, add_special_tokens=False).ids
 
 
-def _as_budgets(budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    """Validate budgets and return them as a 1-D float tensor (N,)."""
-    budgets = torch.as_tensor(budgets_ms)
-    if budgets.dtype == torch.bool or budgets.is_complex():
-        raise ValueError(f"budgets_ms must be real numbers, got dtype {budgets.dtype}")
-    if not budgets.is_floating_point():
-        budgets = budgets.float()
-    if budgets.dim() != 1:
-        raise ValueError(f"budgets_ms must be a 1-D tensor (N,), got shape {tuple(budgets.shape)}")
-    if budgets.numel() == 0:
-        raise ValueError("budgets_ms is empty: give at least one budget")
-    bad = ~torch.isfinite(budgets) | (budgets <= 0)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
-        values = [float(budgets[r]) for r in rows[:5]]
-        raise ValueError(
-            f"budgets_ms must be finite and > 0 (milliseconds): got {values} at rows {rows[:5]}"
-            + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
-        )
-    return budgets
+class BudgetOutOfRangeWarning(UserWarning):
+    """A budget outside the range the controller was trained on was saturated to the range's edge."""
 
 
 class LatencyBudgetEncoder(nn.Module):
     """``budget_feat`` (N, out_dim): a sinusoidal encoding of the normalised budget, then an MLP.
 
+    The budget arrives *relative to the serving machine's full-configuration latency*
+    (``LatencyTable.relative``: 0.75 = three quarters of what the whole model takes
+    here), so the same controller means the same thing on a machine 4x slower or faster.
+
     Args:
-        budget_range_ms: (lo, hi), the range budgets are drawn from; ``u = (b - lo) / (hi - lo)``.
-            Budgets outside it are allowed (u then lies a little outside [0, 1]).
+        budget_range: (lo, hi), the relative budgets the controller is trained on;
+            ``u = (r - lo) / (hi - lo)``. A budget outside it is *saturated* to the edge
+            (u clamped to [0, 1]): the controller never acts on an input it was not
+            trained on, so more budget than it ever saw is served like the most it saw,
+            never worse. The first saturation warns once (``BudgetOutOfRangeWarning``).
         num_frequencies: F, sin/cos pairs in the encoding (its width is 2F + 1).
         hidden_dim: width of the MLP's hidden layer.
         out_dim: width of ``budget_feat``.
+        hidden_act: the MLP's activation (``knoblib.controller.ACTIVATIONS``).
     """
 
     def __init__(
         self,
-        budget_range_ms: tuple[float, float],
+        budget_range: tuple[float, float],
         num_frequencies: int = 6,
         hidden_dim: int = 64,
         out_dim: int = 64,
+        hidden_act: str = "gelu_tanh",
     ) -> None:
+        from .controller import activation
+
         super().__init__()
-        if len(budget_range_ms) != 2:
-            raise ValueError(f"budget_range_ms={budget_range_ms!r} is invalid: expected (lo, hi)")
-        lo, hi = float(budget_range_ms[0]), float(budget_range_ms[1])
+        if len(budget_range) != 2:
+            raise ValueError(f"budget_range={budget_range!r} is invalid: expected (lo, hi)")
+        lo, hi = float(budget_range[0]), float(budget_range[1])
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
-            raise ValueError(f"budget_range_ms={budget_range_ms!r} is invalid: need finite 0 <= lo < hi")
+            raise ValueError(f"budget_range={budget_range!r} is invalid: need finite 0 <= lo < hi")
         for name, value in (("num_frequencies", num_frequencies), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
-        self.budget_range_ms = (lo, hi)
+        self.budget_range = (lo, hi)
         self.num_frequencies = num_frequencies
         self.out_dim = out_dim
+        self.warned = False
         # Why these frequencies: the original encoded u in [0, 1] with the transformer
         # schedule 1 / 10000^(2i/d), i.e. angular frequencies <= 1 rad per unit of u, so
         # every sin stayed near 0 and every cos near 1: the lowest and highest budgets had
@@ -135,9 +143,12 @@ class LatencyBudgetEncoder(nn.Module):
         # a few percent of the range. Starting at pi instead makes every pair complete whole
         # periods over the range, so lo and hi coincide on all of them but one (similarity
         # 0.62 for F = 6 instead of 0.46).
+        # A plain list, not a buffer: transformers' from_pretrained leaves non-persistent
+        # buffers uninitialised.
+        self.frequencies = [(math.pi / 2) * 2.0**i for i in range(num_frequencies)]
         self.mlp = nn.Sequential(
             nn.Linear(2 * num_frequencies + 1, hidden_dim),
-            nn.GELU(),
+            activation(hidden_act),
             nn.Linear(hidden_dim, out_dim),
         )
 
@@ -146,23 +157,37 @@ class LatencyBudgetEncoder(nn.Module):
         """2F + 1, the width of ``sinusoidal``."""
         return 2 * self.num_frequencies + 1
 
-    def normalise(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """u = (b - lo) / (hi - lo), (N,); raises ValueError for non-finite or non-positive budgets."""
-        budgets = _as_budgets(budgets_ms).to(self.mlp[0].weight.device)
-        lo, hi = self.budget_range_ms
-        return (budgets - lo) / (hi - lo)
+    def normalise(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """u = (r - lo) / (hi - lo) clamped to [0, 1], (N,); ValueError for non-finite or non-positive budgets."""
+        ratios = _as_budgets(budget_ratio).to(self.mlp[0].weight.device)
+        lo, hi = self.budget_range
+        u = (ratios - lo) / (hi - lo)
+        # A hair of slack: a float32 budget at the range's edge rounds just outside it.
+        outside = (u < -1e-6) | (u > 1 + 1e-6)
+        if not self.warned and bool(outside.any()):
+            self.warned = True
+            value = float(ratios[outside][0])
+            warnings.warn(
+                f"a budget of {value:.3g} x the full configuration's latency is outside the range "
+                f"[{lo:.3f}, {hi:.3f}] this controller was trained on: it is served as the nearest edge "
+                "(more budget is never served worse). This warning is shown once per controller.",
+                BudgetOutOfRangeWarning,
+                stacklevel=3,
+            )
+        return u.clamp(0.0, 1.0)
 
-    def sinusoidal(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    def sinusoidal(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
         """[u, sin(w_i u), cos(w_i u)] for w_i = 2^i pi / 2, i < F: (N, 2F + 1), no parameters."""
-        u = self.normalise(budgets_ms)[:, None]
-        frequencies = (math.pi / 2) * 2.0 ** torch.arange(self.num_frequencies, dtype=u.dtype, device=u.device)
-        angles = u * frequencies
+        u = self.normalise(budget_ratio)[:, None]
+        angles = u * torch.tensor(self.frequencies, dtype=u.dtype, device=u.device)
         return torch.cat([u, torch.sin(angles), torch.cos(angles)], dim=-1)
 
-    def forward(self, budgets_ms: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """``budget_feat`` (N, out_dim) for budgets (N,) in milliseconds."""
-        features = self.sinusoidal(budgets_ms)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+    def forward(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """``budget_feat`` (N, out_dim) for budgets (N,) as fractions of the full configuration's latency."""
+        from .controller import apply
+
+        features = self.sinusoidal(budget_ratio)
+        return apply(self.mlp, features.to(self.mlp[0].weight.dtype))
 
 
 class BudgetProbe(nn.Module):

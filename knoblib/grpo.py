@@ -41,8 +41,8 @@ import torch
 
 from .controller import Decisions, ModeADecider, TwoStageController
 from .data import VQASample
-from .features import LanguageFeatureExtractor
-from .guard import BudgetGuard
+from .features import LanguageFeatureExtractor, _as_budgets
+from .guard import DEFAULT_QUANTILE, BudgetGuard
 from .knobs import KnobConfig
 from .latency import BudgetSampler, LatencyTable
 from .reward import RewardConfig, compute_reward
@@ -83,6 +83,8 @@ class GRPOConfig:
             fraction at both ends.
         budget_guard: mask options whose profiled latency cannot fit the budget
             (``knoblib.guard``), in sampling and in the log-probabilities.
+        guard_quantile: the latency quantile the guard holds each configuration to
+            (one the latency table keeps; ``knoblib.guard.DEFAULT_QUANTILE``).
         val_every: steps between validations (0 = never during training).
         val_size: validation requests (each paired with budgets from the sweep).
         val_budgets: budgets in the validation sweep.
@@ -111,6 +113,7 @@ class GRPOConfig:
     answer_tokens: int = 3
     budget_margin: float = 0.1
     budget_guard: bool = True
+    guard_quantile: float = DEFAULT_QUANTILE
     val_every: int = 250
     val_size: int = 200
     val_budgets: int = 8
@@ -138,6 +141,8 @@ class GRPOConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} is invalid: must be >= 0")
+        if not (isinstance(self.guard_quantile, float) and 0.5 <= self.guard_quantile < 1):
+            raise ValueError(f"guard_quantile={self.guard_quantile!r} is invalid: a float in [0.5, 1)")
         if self.warm_start_teacher not in WARM_START_TEACHERS:
             raise ValueError(f"warm_start_teacher={self.warm_start_teacher!r} is invalid: allowed {list(WARM_START_TEACHERS)}")
         if self.warm_start_steps and self.mode != "B":
@@ -158,7 +163,9 @@ class Rollouts:
     Attributes:
         decisions: the sampled knob indices (N,) each.
         knobs: the same as ``KnobConfig`` objects.
-        lang_feat: (N, d) question features; budgets: (N,) ms.
+        lang_feat: (N, d) question features; budgets: (N,) ms on this machine;
+            budget_ratio: (N,) the same relative to the full configuration's latency.
+        mask: (N, T, P, K, NB) the budget guard's feasibility mask, or None.
         latency_tokens: (N, d) Mode-A latency tokens, or None in Mode B.
         old_log_prob: (N,) joint log-prob under the policy that sampled.
         correct: (N,) bool; latency_ms: (N,) from the table; reward: (N,).
@@ -169,6 +176,8 @@ class Rollouts:
     knobs: list[KnobConfig]
     lang_feat: torch.Tensor
     budgets: torch.Tensor
+    budget_ratio: torch.Tensor
+    mask: torch.Tensor | None
     latency_tokens: torch.Tensor | None
     old_log_prob: torch.Tensor
     correct: torch.Tensor
@@ -186,6 +195,7 @@ class ControlledRun:
         decisions / knobs: what the controller chose, as indices and as ``KnobConfig``.
         answers: the VLM's answer per row.
         lang_feat: (N, d); budget_feat: (N, budget_dim); latency_tokens: (N, d) or None.
+        mask: (N, T, P, K, NB) the feasibility mask the choices were made under, or None.
         partial_forwards / full_forwards: forwards this run counted.
     """
 
@@ -195,6 +205,7 @@ class ControlledRun:
     lang_feat: torch.Tensor
     budget_feat: torch.Tensor
     latency_tokens: torch.Tensor | None
+    mask: torch.Tensor | None
     partial_forwards: int
     full_forwards: int
 
@@ -207,6 +218,7 @@ def run_controller(
     images: list[torch.Tensor],
     questions: list[str],
     budgets: torch.Tensor,
+    table: LatencyTable,
     mode: str,
     answer_tokens: int,
     generator: torch.Generator | None = None,
@@ -215,50 +227,53 @@ def run_controller(
 ) -> ControlledRun:
     """Let the controller pick each row's knobs (sampled or greedy) and run the VLM with them.
 
-    ``mode`` is how Stage 2 gets its input and how the VLM is executed (see the module
-    docstring): ``B`` decides everything first and runs one batched generate;
-    ``A-resumable`` pauses each row's forward at its p; ``A-naive`` runs a separate
-    partial forward first (counted as extra forwards). With a ``guard``, options whose
-    profiled latency cannot fit each row's budget are masked out of every choice.
+    ``budgets`` (N,) are milliseconds on this machine; the controller sees them relative to
+    ``table``'s full-configuration latency. ``mode`` is how Stage 2 gets its input and how
+    the VLM is executed (see the module docstring): ``B`` decides everything first and runs
+    one batched generate; ``A-resumable`` pauses each row's forward at its p; ``A-naive``
+    runs a separate partial forward first (counted as extra forwards). With a ``guard``,
+    options whose profiled latency cannot fit each row's budget are closed in every choice.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid: allowed {list(MODES)}")
+    budgets = _as_budgets(budgets).double()
+    if len(budgets) != len(questions):
+        raise ValueError(f"got {len(budgets)} budgets for {len(questions)} questions: give one per request")
     space = vlm.knob_space
     n = len(questions)
     lang = language(questions)
-    budget_feat = controller.encode_budget(budgets)
-    guarded = {} if guard is None else {"guard": guard, "budgets_ms": budgets}
-    tier, pos = controller.sample_stage1(lang, budget_feat, generator=generator, greedy=greedy, **guarded)
-    if guard is not None:
-        guarded["tier_idx"] = tier
+    ratio = table.relative(budgets)
+    budget_feat = controller.encode_budget(ratio)
+    mask = None if guard is None else guard.mask(budgets)
+    tier, pos = controller.sample_stage1(lang, budget_feat, mask, generator=generator, greedy=greedy)
     stage1 = [(space.tiers[t], space.insertion_positions[p]) for t, p in zip(tier.tolist(), pos.tolist())]
     latency_tokens = None
     partial = 0
     if mode == "B":
         topk, blocks = controller.sample_stage2(
-            pos, lang_feat=lang, budget_feat=budget_feat, generator=generator, greedy=greedy, **guarded
+            tier, pos, lang_feat=lang, budget_feat=budget_feat, mask=mask, generator=generator, greedy=greedy
         )
         decisions = Decisions(tier, pos, topk, blocks)
         out = vlm.generate(images, questions, decisions.to_knobs(space), answer_tokens)
     elif mode == "A-naive":
-        probe = controller.probe_embeddings(budgets)
+        probe = controller.probe_embeddings(ratio)
         latency_tokens = vlm.partial_forward(images, questions, stage1, probe)
         partial = n
         topk, blocks = controller.sample_stage2(
-            pos, latency_token=latency_tokens, generator=generator, greedy=greedy, **guarded
+            tier, pos, latency_token=latency_tokens, mask=mask, generator=generator, greedy=greedy
         )
         decisions = Decisions(tier, pos, topk, blocks)
         out = vlm.generate(images, questions, decisions.to_knobs(space), answer_tokens)
     else:
-        decider = ModeADecider(controller, pos, generator=generator, greedy=greedy, **guarded)
+        decider = ModeADecider(controller, tier, pos, mask, generator=generator, greedy=greedy)
         out = vlm.generate(
             images, questions, None, answer_tokens,
-            probe_embeddings=controller.probe_embeddings(budgets), decide=decider, stage1=stage1,
+            probe_embeddings=controller.probe_embeddings(ratio), decide=decider, stage1=stage1,
         )
         latency_tokens = decider.latency_tokens
-        decisions = decider.decisions(tier)
+        decisions = decider.decisions()
     return ControlledRun(
-        decisions, decisions.to_knobs(space), out.answers, lang, budget_feat, latency_tokens, partial, n
+        decisions, decisions.to_knobs(space), out.answers, lang, budget_feat, latency_tokens, mask, partial, n
     )
 
 
@@ -382,7 +397,7 @@ class JointGRPOTrainer:
                 p.requires_grad_(False)
         self.optimizer = torch.optim.Adam(controller.parameters(), lr=cfg.lr)
         self.budgets = BudgetSampler(table, margin=cfg.budget_margin, seed=cfg.seed)
-        self.guard = BudgetGuard(table, self.space) if cfg.budget_guard else None
+        self.guard = BudgetGuard(table, self.space, cfg.guard_quantile) if cfg.budget_guard else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.data_rng = random.Random(cfg.seed)
         self.order: list[int] = []
@@ -420,6 +435,7 @@ class JointGRPOTrainer:
             [self.image(s) for s in rows],
             [s.question for s in rows],
             budgets,
+            self.table,
             self.cfg.mode,
             self.cfg.answer_tokens,
             generator=None if greedy else self.generator,
@@ -430,13 +446,15 @@ class JointGRPOTrainer:
         latency_ms = self.table.latencies(run.knobs)
         reward, _ = compute_reward(correct, latency_ms, budgets, self.cfg.reward)
         old_log_prob, _ = self.controller.evaluate_actions(
-            run.decisions, run.lang_feat, run.budget_feat, run.latency_tokens, self.guard, budgets
+            run.decisions, run.lang_feat, run.budget_feat, run.mask, run.latency_tokens
         )
         return Rollouts(
             run.decisions,
             run.knobs,
             run.lang_feat,
             budgets,
+            self.table.relative(budgets),
+            run.mask,
             run.latency_tokens,
             old_log_prob,
             correct,
@@ -464,16 +482,16 @@ class JointGRPOTrainer:
         ref_log_prob = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_feat = self.reference.encode_budget(ro.budgets)
+                ref_feat = self.reference.encode_budget(ro.budget_ratio)
                 ref_log_prob, _ = self.reference.evaluate_actions(
-                    ro.decisions, ro.lang_feat, ref_feat, ro.latency_tokens, self.guard, ro.budgets
+                    ro.decisions, ro.lang_feat, ref_feat, ro.mask, ro.latency_tokens
                 )
         self.controller.train()
         stats: dict = {}
         for _ in range(cfg.inner_iterations):
-            budget_feat = self.controller.encode_budget(ro.budgets)
+            budget_feat = self.controller.encode_budget(ro.budget_ratio)
             log_prob, entropies = self.controller.evaluate_actions(
-                ro.decisions, ro.lang_feat, budget_feat, ro.latency_tokens, self.guard, ro.budgets
+                ro.decisions, ro.lang_feat, budget_feat, ro.mask, ro.latency_tokens
             )
             loss, stats = grpo_loss(log_prob, ro.old_log_prob, advantages, cfg.clip_eps, mask, ref_log_prob, cfg.kl_coef)
             entropy = sum(entropies.values()).mean()
@@ -550,18 +568,24 @@ class JointGRPOTrainer:
             rows = rng.sample(self.train_samples, min(batch_size, len(self.train_samples)))
             b = budgets.sample(len(rows))
             chosen = [teacher(row, float(x)) for row, x in zip(rows, b)]
-            if self.guard is not None:
-                fastest = self.table.fastest()
-                for knobs, x in zip(chosen, b.tolist()):
-                    if knobs != fastest and self.table.latency(knobs) > x:
-                        raise ValueError(
-                            f"the teacher chose {knobs.short()} ({self.table.latency(knobs):.2f} ms) at a budget of "
-                            f"{x:.2f} ms, which the budget guard masks: a teacher must pick configurations that fit"
-                        )
             decisions = Decisions.from_knobs(chosen, self.space)
+            mask = None
+            if self.guard is not None:
+                mask = self.guard.mask(b)
+                fits = self.guard.latency(
+                    decisions.tier, decisions.insertion_position, decisions.top_k, decisions.num_active_blocks
+                ) <= b.clamp(min=self.guard.fastest_ms)
+                if not bool(fits.all()):
+                    row = int((~fits).nonzero()[0])
+                    knobs = chosen[row]
+                    raise ValueError(
+                        f"the teacher chose {knobs.short()} ({self.table.latency(knobs, self.guard.quantile):.2f} ms at "
+                        f"p{round(100 * self.guard.quantile)}) at a budget of {float(b[row]):.2f} ms, which the budget "
+                        "guard masks: a teacher must pick configurations that fit"
+                    )
             lang = self.language([s.question for s in rows])
             log_prob, entropies = self.controller.evaluate_actions(
-                decisions, lang, self.controller.encode_budget(b), guard=self.guard, budgets_ms=b
+                decisions, lang, self.controller.encode_budget(self.table.relative(b)), mask
             )
             loss = -log_prob.mean() - entropy_coef * sum(entropies.values()).mean()
             optimizer.zero_grad(set_to_none=True)

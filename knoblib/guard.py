@@ -1,19 +1,27 @@
-"""The budget guard: mask knob options whose profiled latency cannot fit the budget.
+"""The budget guard: which knob configurations can fit each request's budget.
 
-The controller's four choices are sampled one after another (tier, insertion position,
-top-k, number of blocks). Given the choices already made and the latency table, the
-guard tells which options of the next knob still leave at least one configuration
-within the budget; the others are masked out of that knob's distribution (their
-logits set to -inf), in sampling, in greedy decisions and in the log-probabilities
-GRPO trains on. If no configuration fits a budget at all, the guard allows only the
-fastest one.
+The controller's four choices are made one after another (tier, insertion position,
+top-k, number of blocks). The guard computes, once per request and up front, one
+feasibility mask over the *joint* configuration space (from the latency table, a
+latency quantile and the budget). Each choice then takes its slice of that mask: an
+option is open when at least one configuration that extends the choices made so far
+still fits (:func:`tier_options`, :func:`position_options`, :func:`top_k_options`,
+:func:`block_options`). Closed options get logit -inf, in sampling, in greedy decisions
+and in the log-probabilities GRPO trains on. If no configuration fits a budget at all,
+only the fastest one is open.
 
-Why: the lookup-table baseline reads the same latency table and never picks a
-configuration that does not fit. A controller that has to *learn* the feasibility
-boundary of every configuration from rewards alone violates budgets near that
-boundary; with the guard it spends its learning on what the table cannot know, which
-configuration answers *this* question best. Training without the guard
-(``GRPOConfig.budget_guard=False``) is still available and the evaluation reports it.
+Why a quantile and not the median: a budget is kept or broken by the wall clock of one
+request, and a configuration whose *median* just fits breaks it half the time. The guard
+reads each configuration's latency at ``quantile`` (``DEFAULT_QUANTILE``: p95 of this
+machine's measured distribution), so a choice it allows fits the budget at least that
+often.
+
+Why a guard at all: the lookup-table baseline reads the same latency table and never
+picks a configuration that does not fit. A controller that has to *learn* the
+feasibility boundary of every configuration from rewards alone violates budgets near
+that boundary; with the guard it spends its learning on what the table cannot know,
+which configuration answers *this* question best. Training without the guard
+(``GRPOConfig.budget_guard=False``) is still available.
 """
 
 from __future__ import annotations
@@ -23,19 +31,36 @@ import torch
 from .knobs import KnobSpace
 from .latency import LatencyTable
 
+DEFAULT_QUANTILE = 0.95
+
 
 class BudgetGuard:
     """Feasibility masks from a latency table.
 
+    Args:
+        table: this machine's latency table.
+        space: the model's knob space (checked against the table's).
+        quantile: which latency quantile must fit the budget (one the table keeps).
+
     Attributes:
-        grid: (T, P, K, NB) float64 latency in ms of (tier, p, top_k, blocks) by option
-            index (``space.tiers``, ``insertion_positions``, ``top_k_options``,
-            ``all_block_options``); +inf where the total is not allowed for p.
+        grid: (T, P, K, NB) float64 latency in ms at ``quantile`` of (tier, p, top_k,
+            blocks) by option index (``space.tiers``, ``insertion_positions``,
+            ``top_k_options``, ``all_block_options``); +inf where the total is not
+            allowed for p.
+        fastest_ms: the smallest latency in ``grid``.
     """
 
-    def __init__(self, table: LatencyTable, space: KnobSpace) -> None:
+    def __init__(self, table: LatencyTable, space: KnobSpace, quantile: float = DEFAULT_QUANTILE) -> None:
         table.check_space(space)
+        missing = table.missing(space)
+        if missing:
+            raise ValueError(
+                f"the latency table lacks {len(missing)} configurations of the knob space "
+                f"(first: {missing[0].short()}): the guard needs every one"
+            )
         self.space = space
+        self.quantile = float(quantile)
+        factor = table.factor(quantile)
         grid = torch.full(
             (len(space.tiers), len(space.insertion_positions), len(space.top_k_options), len(space.all_block_options)),
             float("inf"),
@@ -47,32 +72,49 @@ class BudgetGuard:
                 space.insertion_positions.index(knobs.insertion_position),
                 space.top_k_options.index(knobs.top_k),
                 space.all_block_options.index(knobs.num_active_blocks),
-            ] = table.latency(knobs)
+            ] = table.latency(knobs) * factor
         self.grid = grid
         self.fastest_ms = float(grid.min())
 
-    def _fits(self, budgets: torch.Tensor) -> torch.Tensor:
-        """(N, T, P, K, NB) bool; a budget nothing fits is raised to the fastest latency."""
-        budgets = torch.as_tensor(budgets, dtype=torch.float64).cpu().clamp(min=self.fastest_ms)
+    def mask(self, budgets_ms: torch.Tensor) -> torch.Tensor:
+        """(N, T, P, K, NB) bool: the configurations that fit each budget (N,) in ms.
+
+        A budget that nothing fits is raised to the fastest latency, so exactly the
+        fastest configuration stays open.
+        """
+        budgets = torch.as_tensor(budgets_ms, dtype=torch.float64).cpu().reshape(-1).clamp(min=self.fastest_ms)
         return self.grid[None] <= budgets[:, None, None, None, None]
 
-    def tier_mask(self, budgets: torch.Tensor) -> torch.Tensor:
-        """(N, T): tiers with at least one fitting configuration."""
-        return self._fits(budgets).flatten(2).any(-1)
+    def latency(self, tier: torch.Tensor, position: torch.Tensor, top_k: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """(N,) latency at the guard's quantile of the chosen option indices."""
+        return self.grid[tier.cpu(), position.cpu(), top_k.cpu(), blocks.cpu()]
 
-    def position_mask(self, budgets: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
-        """(N, P): insertion positions that still fit, given each row's tier index."""
-        fits = self._fits(budgets)[torch.arange(len(tier)), tier.cpu()]
-        return fits.flatten(2).any(-1)
 
-    def top_k_mask(self, budgets: torch.Tensor, tier: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """(N, K): top-k options that still fit, given tier and position indices."""
-        rows = torch.arange(len(tier))
-        return self._fits(budgets)[rows, tier.cpu(), position.cpu()].any(-1)
+# --- the slices each choice takes (mask: (N, T, P, K, NB) bool) -----------------------
+def tier_options(mask: torch.Tensor) -> torch.Tensor:
+    """(N, T): tiers with at least one fitting configuration."""
+    return mask.flatten(2).any(-1)
 
-    def blocks_mask(
-        self, budgets: torch.Tensor, tier: torch.Tensor, position: torch.Tensor, top_k: torch.Tensor
-    ) -> torch.Tensor:
-        """(N, NB): block totals that fit, given tier, position and top-k indices."""
-        rows = torch.arange(len(tier))
-        return self._fits(budgets)[rows, tier.cpu(), position.cpu(), top_k.cpu()]
+
+def position_options(mask: torch.Tensor, tier: torch.Tensor) -> torch.Tensor:
+    """(N, P): insertion positions that still fit, given each row's tier index (N,)."""
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    return mask[rows, tier.to(mask.device)].flatten(2).any(-1)
+
+
+def top_k_options(mask: torch.Tensor, tier: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """(N, K): top-k options that still fit, given tier and position indices (N,)."""
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    return mask[rows, tier.to(mask.device), position.to(mask.device)].any(-1)
+
+
+def block_options(mask: torch.Tensor, tier: torch.Tensor, position: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """(N, NB): block totals that fit, given tier, position and top-k indices (N,)."""
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    return mask[rows, tier.to(mask.device), position.to(mask.device), top_k.to(mask.device)]
+
+
+def open_mask(space: KnobSpace, n: int) -> torch.Tensor:
+    """(n, T, P, K, NB) all-True: no budget constraint (block totals p forbids are masked by Stage 2 itself)."""
+    shape = (n, len(space.tiers), len(space.insertion_positions), len(space.top_k_options), len(space.all_block_options))
+    return torch.ones(shape, dtype=torch.bool)

@@ -2,24 +2,33 @@
 
 The controller is rewarded for meeting a latency budget, so it needs the latency each
 configuration has when it is served alone (batch 1), not the wall time of a batched
-training rollout (DESIGN.md section 2, consequence 2). Which knob buys latency depends on
-the hardware (top-k is free at batch 1 on a GPU but not on a CPU), so latency is
-measured, never modelled.
+training rollout. Which knob buys latency depends on the hardware (top-k is free at
+batch 1 on a GPU but not on a CPU), and the same code runs several times slower on one
+2-core machine than on another, so latency is measured on the machine that serves, never
+modelled and never copied from another machine (``knoblib.calibration`` decides when a
+table must be re-profiled).
 
 * :func:`profile_latency` times ``vlm.generate`` at batch 1 for every configuration:
-  vision tower + prefill + decoding a fixed answer length ``T`` (``min_new_tokens =
-  max_new_tokens = T``), so the time does not depend on what the model answers. The
-  original implementation timed prefill only while its budgets came from total-latency
-  ranges, so budgets were almost never violated; here the measured quantity and the
-  budgets are the same end-to-end latency.
-* :class:`LatencyTable` stores the medians (ms), their spread and the machine, and is
-  saved as JSON (``python -m knoblib profile-latency``).
-* :class:`BudgetSampler` draws training budgets inside the range the table can actually
-  achieve, and evenly spaced evaluation budgets.
+  vision tower + prefill + a fixed answer length ``T`` (``min_new_tokens =
+  max_new_tokens = T``; T = 2 is one word plus end-of-sequence, all that the shipped
+  model ever decodes), so the time does not depend on what the model answers.
+* :class:`LatencyTable` stores each configuration's median and its tail (p90, p99, ...),
+  the machine's fingerprint and the model's, and is saved as JSON without any path of
+  the machine that made it.
+* :class:`BudgetSampler` draws training budgets inside the range the table can achieve,
+  and evenly spaced evaluation budgets.
+
+Budgets that transfer between machines: a budget in milliseconds means a different
+thing on a machine 4x slower, so the controller never sees milliseconds. It sees the
+budget *relative to this machine's full-configuration latency*
+(:meth:`LatencyTable.relative`): 0.75 means "three quarters of what the whole model
+takes here", on every machine. The budget guard, the rewards and the measured
+violations stay in this machine's milliseconds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,19 +37,29 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .knobs import TIERS, KnobConfig, KnobSpace
 
 FILE_FORMAT = "knoblib-latency-table"
-FILE_VERSION = 1
+FILE_VERSION = 2
 PROFILE_COMMAND = "python -m knoblib profile-latency"
 KNOB_FIELDS = ("tier", "insertion_position", "top_k", "num_active_blocks")
+# The tail quantiles a table keeps (besides the median); the budget guard uses one of them.
+QUANTILES: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.99)
+# Tokens decoded per measurement: one word plus end-of-sequence, what the shipped
+# model answers. Serving never decodes more than the table measured.
+DEFAULT_ANSWER_TOKENS = 2
+# Machine properties that latency depends on; the fingerprint hashes exactly these.
+FINGERPRINT_KEYS = ("system", "machine", "cpu_model", "cpu_count", "torch", "torch_num_threads", "device", "gpu")
+
+Measure = Callable[[KnobConfig, torch.Tensor, str], float]
+"""One timed request: (configuration, image, question) -> milliseconds."""
 
 
 def _finite(x: object) -> bool:
@@ -54,6 +73,10 @@ def _space_dict(space: KnobSpace | dict) -> dict:
     if isinstance(space, dict):
         return {**space, "tiers": list(space.get("tiers", TIERS))}
     raise TypeError(f"knob_space must be a KnobSpace or its as_dict(), got {type(space).__name__}")
+
+
+def _space(space: dict) -> KnobSpace:
+    return KnobSpace(**{**space, "tiers": tuple(space.get("tiers", TIERS))})
 
 
 def machine_info(device: torch.device | str | None = None) -> dict:
@@ -86,38 +109,71 @@ def machine_info(device: torch.device | str | None = None) -> dict:
     return info
 
 
+def machine_fingerprint(info: dict) -> str:
+    """A short hash of the machine properties latency depends on (``FINGERPRINT_KEYS``).
+
+    Two machines with the same fingerprint may still differ in speed (cloud CPUs often
+    report a generic model name), which is why calibration also spot-checks timings.
+    """
+    stable = {key: info.get(key) for key in FINGERPRINT_KEYS}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(vlm) -> str:
+    """A short hash of what a ``KnobVLM``'s latency depends on: its sizes, block ranking and weights.
+
+    The weights matter too: the experts run only for the tokens routed to them, so which
+    experts a router picks changes the work.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(vlm.model.config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(vlm.block_importance).encode())
+    for name, tensor in sorted(vlm.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class LatencyTable:
     """Measured batch-1 end-to-end latency of each knob configuration.
 
     Attributes:
-        latency_ms: configuration -> median latency in ms of one batch-1
+        latency_ms: configuration -> median (p50) latency in ms of one batch-1
             ``generate`` (vision + prefill + ``answer_tokens`` decoded tokens).
         knob_space: ``KnobSpace.as_dict()`` of the model that was profiled (a
             ``KnobSpace`` is accepted and converted).
-        iqr_ms: configuration -> interquartile range (ms) of the repeats; the spread.
+        quantile_factors: q -> latency quantile q over the median, pooled over all
+            configurations (``{0.5: 1.0, 0.9: 1.04, 0.99: 1.12}``, say): the tail of a
+            configuration is its median times this factor. Why pooled: the spread on a
+            CPU is the machine's (scheduling, caches, other processes), multiplicative
+            and shared by every configuration, and pooling gives a p99 from hundreds of
+            measurements instead of a maximum of fifteen. Default: no spread measured
+            (every quantile equals the median), for hand-built tables.
+        iqr_ms: configuration -> its own interquartile range (ms) over the repeats.
         vision_ms: tier -> median ms of ``vlm.embed`` (vision tower + projector +
             scatter) for that tier; the vision part of ``latency_ms``. Optional.
         answer_tokens: T, the fixed number of decoded tokens in each measurement.
         repeats: recorded measurements per configuration.
         warmup: unrecorded warm-up rounds before them.
-        machine: see :func:`machine_info`.
+        machine: see :func:`machine_info` (no hostname, no path).
         date: ISO-8601 UTC time of the profile.
-        model: the profiled model's path or name, if given.
+        model_id: :func:`model_fingerprint` of the profiled model, or None.
         samples: uids of the samples cycled through while profiling.
         source: the file this table was loaded from (not saved, not compared).
     """
 
     latency_ms: dict[KnobConfig, float]
     knob_space: dict
+    quantile_factors: dict[float, float] = field(default_factory=lambda: {q: 1.0 for q in QUANTILES})
     iqr_ms: dict[KnobConfig, float] = field(default_factory=dict)
     vision_ms: dict[str, float] = field(default_factory=dict)
-    answer_tokens: int = 4
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS
     repeats: int = 0
     warmup: int = 0
     machine: dict = field(default_factory=dict)
     date: str = ""
-    model: str | None = None
+    model_id: str | None = None
     samples: list[str] = field(default_factory=list)
     source: str | None = field(default=None, compare=False, repr=False)
 
@@ -130,6 +186,17 @@ class LatencyTable:
                 raise TypeError(f"latency_ms keys must be KnobConfig, got {type(knobs).__name__}")
             if not _finite(ms) or ms <= 0:
                 raise ValueError(f"latency of {knobs.short()} is {ms!r} ms: must be a finite positive number")
+        factors = {float(q): f for q, f in self.quantile_factors.items()}
+        factors.setdefault(0.5, 1.0)
+        for q, f in factors.items():
+            if not 0.5 <= q < 1:
+                raise ValueError(f"quantile_factors has quantile {q!r}: allowed 0.5 <= q < 1")
+            if not _finite(f) or f < 1:
+                raise ValueError(f"quantile_factors[{q}] = {f!r}: must be a finite number >= 1 (a tail over the median)")
+        ordered = sorted(factors)
+        if any(factors[a] > factors[b] for a, b in zip(ordered, ordered[1:])):
+            raise ValueError(f"quantile_factors={factors} must not decrease with the quantile")
+        self.quantile_factors = {q: float(factors[q]) for q in ordered}
         for knobs, ms in self.iqr_ms.items():
             if knobs not in self.latency_ms:
                 raise ValueError(f"iqr_ms has {knobs.short()}, which has no latency")
@@ -151,6 +218,21 @@ class LatencyTable:
         """The profiled configurations, in profiling order."""
         return list(self.latency_ms)
 
+    @property
+    def quantiles(self) -> tuple[float, ...]:
+        """The quantiles this table can answer, median first."""
+        return tuple(self.quantile_factors)
+
+    @property
+    def space(self) -> KnobSpace:
+        """The profiled model's knob space."""
+        return _space(self.knob_space)
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`machine_fingerprint` of the machine this table was measured on."""
+        return machine_fingerprint(self.machine)
+
     def __len__(self) -> int:
         return len(self.latency_ms)
 
@@ -166,16 +248,27 @@ class LatencyTable:
             f"`{PROFILE_COMMAND}`"
         )
 
-    def latency(self, knobs: KnobConfig) -> float:
-        """Median end-to-end latency of ``knobs`` in ms; KeyError if it was not profiled."""
+    def factor(self, quantile: float) -> float:
+        """The tail factor of ``quantile`` (1 for the median); ValueError for one not kept."""
         try:
-            return self.latency_ms[knobs]
+            return self.quantile_factors[float(quantile)]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"quantile={quantile!r} is not in this latency table: allowed {list(self.quantiles)}"
+            ) from None
+
+    def latency(self, knobs: KnobConfig, quantile: float = 0.5) -> float:
+        """Latency of ``knobs`` in ms at ``quantile`` (the median by default); KeyError if not profiled."""
+        factor = self.factor(quantile)
+        try:
+            return self.latency_ms[knobs] * factor
         except (KeyError, TypeError):
             raise self._missing(knobs) from None
 
-    def latencies(self, knobs: Iterable[KnobConfig]) -> torch.Tensor:
+    def latencies(self, knobs: Iterable[KnobConfig], quantile: float = 0.5) -> torch.Tensor:
         """Latencies of several configurations: float64 tensor (N,) in ms."""
-        return torch.tensor([self.latency(k) for k in knobs], dtype=torch.float64)
+        factor = self.factor(quantile)
+        return torch.tensor([self.latency(k) * factor for k in knobs], dtype=torch.float64)
 
     def vision_latency(self, tier: str) -> float | None:
         """Median ms of the vision part for ``tier``, or None if it was not measured."""
@@ -195,9 +288,44 @@ class LatencyTable:
     def slowest(self) -> KnobConfig:
         return self._by_latency[-1]
 
-    def feasible(self, budget_ms: float) -> list[KnobConfig]:
-        """Configurations with latency <= ``budget_ms``, fastest first (may be empty)."""
-        return [k for k in self._by_latency if self.latency_ms[k] <= budget_ms]
+    def feasible(self, budget_ms: float, quantile: float = 0.5) -> list[KnobConfig]:
+        """Configurations whose latency at ``quantile`` is <= ``budget_ms``, fastest first (may be empty)."""
+        factor = self.factor(quantile)
+        return [k for k in self._by_latency if self.latency_ms[k] * factor <= budget_ms]
+
+    # --- budgets that mean the same on every machine ----------------------------------
+    @property
+    def reference_ms(self) -> float:
+        """The median latency of the full configuration here: the unit of relative budgets."""
+        return self.latency(self.space.full())
+
+    def relative(self, budget_ms):
+        """Budget(s) in ms as a fraction of :attr:`reference_ms` (float or tensor, same shape)."""
+        if isinstance(budget_ms, torch.Tensor):
+            return budget_ms.to(torch.float64) / self.reference_ms
+        return float(budget_ms) / self.reference_ms
+
+    def absolute(self, budget_ratio):
+        """The inverse of :meth:`relative`: fractions of the full configuration's latency -> ms here."""
+        if isinstance(budget_ratio, torch.Tensor):
+            return budget_ratio.to(torch.float64) * self.reference_ms
+        return float(budget_ratio) * self.reference_ms
+
+    def scaled(self, factor: float) -> "LatencyTable":
+        """This table with every latency multiplied by ``factor``: a machine ``factor`` times slower.
+
+        For tests and demonstrations of calibration (a synthetic slow machine); the
+        relative budgets of every configuration are unchanged.
+        """
+        if not _finite(factor) or factor <= 0:
+            raise ValueError(f"factor={factor!r} is invalid: must be a finite number > 0")
+        return replace(
+            self,
+            latency_ms={k: ms * factor for k, ms in self.latency_ms.items()},
+            iqr_ms={k: ms * factor for k, ms in self.iqr_ms.items()},
+            vision_ms={t: ms * factor for t, ms in self.vision_ms.items()},
+            source=None,
+        )
 
     # --- consistency ----------------------------------------------------------------
     def check_space(self, space: KnobSpace | dict) -> None:
@@ -215,26 +343,27 @@ class LatencyTable:
                 f"`{PROFILE_COMMAND}`"
             )
 
-    def missing(self, space: KnobSpace) -> list[KnobConfig]:
-        """Configurations of ``space`` that this table has no latency for (a partial profile)."""
+    def missing(self, space: KnobSpace | None = None) -> list[KnobConfig]:
+        """Configurations of ``space`` (default: the table's own) that this table has no latency for."""
+        space = self.space if space is None else space
         return [k for k in space if k not in self.latency_ms]
 
     # --- rows and files -------------------------------------------------------------
     def to_rows(self) -> list[dict]:
         """One dict per configuration (profiling order) for printing and plotting.
 
-        Keys: tier, insertion_position, top_k, num_active_blocks, latency_ms,
-        vision_ms (None if not measured), iqr_ms (None if unknown).
+        Keys: tier, insertion_position, top_k, num_active_blocks, latency_ms (the
+        median), p90_ms and p99_ms (when kept), vision_ms (None if not measured),
+        iqr_ms (None if unknown).
         """
-        return [
-            {
-                **k.as_dict(),
-                "latency_ms": self.latency_ms[k],
-                "vision_ms": self.vision_ms.get(k.tier),
-                "iqr_ms": self.iqr_ms.get(k),
-            }
-            for k in self.latency_ms
-        ]
+        rows = []
+        for k, ms in self.latency_ms.items():
+            row = {**k.as_dict(), "latency_ms": ms}
+            for q in (0.9, 0.99):
+                if q in self.quantile_factors:
+                    row[_quantile_key(q)] = ms * self.quantile_factors[q]
+            rows.append({**row, "vision_ms": self.vision_ms.get(k.tier), "iqr_ms": self.iqr_ms.get(k)})
+        return rows
 
     def to_json(self) -> dict:
         return {
@@ -245,12 +374,23 @@ class LatencyTable:
             "repeats": self.repeats,
             "warmup": self.warmup,
             "date": self.date,
-            "model": self.model,
+            "model_id": self.model_id,
             "machine": self.machine,
+            "fingerprint": self.fingerprint,
             "samples": list(self.samples),
             "vision_ms": dict(self.vision_ms),
-            # vision_ms lives per tier above, so rows carry only per-configuration numbers.
-            "rows": [{**k.as_dict(), "latency_ms": ms, "iqr_ms": self.iqr_ms.get(k)} for k, ms in self.latency_ms.items()],
+            "quantile_factors": {str(q): f for q, f in self.quantile_factors.items()},
+            # Each row carries its median and, for a reader of the file, its p90 and p99
+            # (the median times the pooled factor); vision_ms lives per tier above.
+            "rows": [
+                {
+                    **k.as_dict(),
+                    "latency_ms": ms,
+                    **{_quantile_key(q): ms * f for q, f in self.quantile_factors.items() if q in (0.9, 0.99)},
+                    "iqr_ms": self.iqr_ms.get(k),
+                }
+                for k, ms in self.latency_ms.items()
+            ],
         }
 
     def save(self, path: str | Path) -> Path:
@@ -272,11 +412,12 @@ class LatencyTable:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyTable":
+    def load(cls, path: str | Path, complete: bool = True) -> "LatencyTable":
         """Read a table written by :meth:`save`.
 
         Raises FileNotFoundError (naming the path and the command that makes it) if the
-        file is missing, and ValueError naming the path and the problem if it is corrupt.
+        file is missing, and ValueError naming the path and the problem if it is corrupt
+        or, with ``complete`` (the default), lacks a configuration of its knob space.
         """
         path = Path(path)
         if not path.is_file():
@@ -299,8 +440,7 @@ class LatencyTable:
         if missing:
             raise fail(f"missing fields {sorted(missing)}")
         try:
-            space_dict = data["knob_space"]
-            space = KnobSpace(**{**space_dict, "tiers": tuple(space_dict.get("tiers", TIERS))})
+            space = _space(data["knob_space"])
         except (TypeError, ValueError, AttributeError) as exc:
             raise fail(f"invalid knob_space ({exc})") from exc
         rows = data["rows"]
@@ -326,13 +466,26 @@ class LatencyTable:
             latency_ms[knobs] = float(ms)
             if row.get("iqr_ms") is not None:
                 iqr_ms[knobs] = row["iqr_ms"]
+        if complete:
+            absent = [k.short() for k in space if k not in latency_ms]
+            if absent:
+                raise fail(
+                    f"it lacks {len(absent)} of the {len(space)} configurations of its knob space "
+                    f"(first: {', '.join(absent[:3])})"
+                )
         vision_ms = data.get("vision_ms") or {}
         if not isinstance(vision_ms, dict):
             raise fail("'vision_ms' is not an object")
+        factors = data.get("quantile_factors") or {str(q): 1.0 for q in QUANTILES}
+        try:
+            factors = {float(q): f for q, f in factors.items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise fail(f"invalid quantile_factors ({exc})") from exc
         try:
             return cls(
                 latency_ms=latency_ms,
                 knob_space=space.as_dict(),
+                quantile_factors=factors,
                 iqr_ms=iqr_ms,
                 vision_ms=vision_ms,
                 answer_tokens=data["answer_tokens"],
@@ -340,7 +493,7 @@ class LatencyTable:
                 warmup=data.get("warmup", 0),
                 machine=data.get("machine") or {},
                 date=data.get("date") or "",
-                model=data.get("model"),
+                model_id=data.get("model_id"),
                 samples=list(data.get("samples") or []),
                 source=str(path),
             )
@@ -348,14 +501,16 @@ class LatencyTable:
             raise fail(str(exc)) from exc
 
     def summary(self) -> str:
-        """A few lines: fastest and slowest configuration, their ratio, the setting."""
+        """A few lines: fastest and slowest configuration, their ratio, the tail, the setting."""
         fast, slow = self.fastest(), self.slowest()
         lines = [
             f"{len(self)} configurations, T={self.answer_tokens} answer tokens, "
             f"{self.repeats} repeats (+{self.warmup} warm-up), torch threads={self.machine.get('torch_num_threads')}",
             f"fastest {fast.short()}: {self.min_ms:.2f} ms",
             f"slowest {slow.short()}: {self.max_ms:.2f} ms",
+            f"full configuration {self.space.full().short()}: {self.reference_ms:.2f} ms (the unit of relative budgets)",
             f"slowest / fastest = {self.max_ms / self.min_ms:.2f}x",
+            "tail over the median: " + ", ".join(f"p{round(100 * q)} x{f:.3f}" for q, f in self.quantile_factors.items()),
         ]
         load = self.machine.get("load_avg_start")
         if load is not None and self.machine.get("cpu_count") and load > 0.5 * self.machine["cpu_count"]:
@@ -363,6 +518,10 @@ class LatencyTable:
         if self.vision_ms:
             lines.append("vision: " + ", ".join(f"{t} {ms:.2f} ms" for t, ms in self.vision_ms.items()))
         return "\n".join(lines)
+
+
+def _quantile_key(q: float) -> str:
+    return f"p{round(100 * q)}_ms"
 
 
 # --- profiling ----------------------------------------------------------------------
@@ -400,17 +559,41 @@ def _as_items(samples: Sequence) -> tuple[list[tuple[torch.Tensor, str]], list[s
     return items, uids
 
 
+def generate_timer(vlm, answer_tokens: int = DEFAULT_ANSWER_TOKENS) -> Measure:
+    """The default :data:`Measure`: wall clock of one batch-1 ``vlm.generate`` decoding exactly T tokens."""
+    device = torch.device(vlm.device)
+
+    def measure(knobs: KnobConfig, image: torch.Tensor, question: str) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        vlm.generate([image], [question], knobs, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens)
+        _sync(device)
+        return (time.perf_counter() - start) * 1000.0
+
+    return measure
+
+
+def pooled_quantile_factors(times: dict[KnobConfig, list[float]]) -> dict[float, float]:
+    """q -> quantile q of every measurement over its configuration's median (see ``LatencyTable``)."""
+    ratios = [t / _quantile(v, 0.5) for v in times.values() for t in v]
+    factors = {0.5: 1.0}
+    for q in QUANTILES[1:]:
+        # Never below the previous quantile's factor, nor below 1: the tail is over the median.
+        factors[q] = max(factors[max(factors)], _quantile(ratios, q), 1.0)
+    return factors
+
+
 def profile_latency(
     vlm,
     samples: Sequence,
-    answer_tokens: int = 4,
-    repeats: int = 5,
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+    repeats: int = 15,
     warmup: int = 2,
     configs: Sequence[KnobConfig] | None = None,
     progress: bool = True,
     measure_vision: bool = True,
-    model: str | None = None,
     seed: int = 0,
+    measure: Measure | None = None,
 ) -> LatencyTable:
     """Measure every configuration's batch-1 end-to-end latency on this machine.
 
@@ -428,13 +611,15 @@ def profile_latency(
         vlm: a ``KnobVLM``.
         samples: ``VQASample``s (or (image uint8 (3, 48, 48), question) pairs), a few.
         answer_tokens: T, tokens decoded per measurement (>= 1).
-        repeats: recorded rounds (>= 1); the table keeps the median and the IQR.
+        repeats: recorded rounds (>= 1); the table keeps the median, the IQR and the
+            pooled tail factors (:func:`pooled_quantile_factors`).
         warmup: unrecorded rounds first (>= 0).
         configs: configurations to profile; default every one of ``vlm.knob_space``.
         progress: show a tqdm progress bar.
         measure_vision: also time ``vlm.embed`` per tier (the vision part), once per round.
-        model: the model's path or name, recorded in the table.
         seed: seeds the per-round shuffle of the configuration order.
+        measure: times one request (default :func:`generate_timer`); tests pass a
+            synthetic one, so no test depends on this machine's speed.
 
     Returns:
         a :class:`LatencyTable` with latencies in ms.
@@ -452,7 +637,8 @@ def profile_latency(
             raise ValueError("configs is empty: give at least one configuration to profile")
     items, uids = _as_items(samples)
     device = torch.device(vlm.device)
-    tiers = [t for t in TIERS if any(k.tier == t for k in configs)] if measure_vision else []
+    timed = measure or generate_timer(vlm, answer_tokens)
+    tiers = [t for t in TIERS if any(k.tier == t for k in configs)] if measure_vision and measure is None else []
     # Vision inputs per tier, built once: tokenising and cropping are not the vision tower.
     vision_inputs = {t: vlm.build_inputs([items[0][0]], [items[0][1]], [t]) for t in tiers}
     vision_inputs = {t: {k: v.to(device) for k, v in inp.items()} for t, inp in vision_inputs.items()}
@@ -475,11 +661,7 @@ def profile_latency(
                 for j in order:
                     knobs = configs[j]
                     image, question = items[(j + r) % len(items)]
-                    _sync(device)
-                    start = time.perf_counter()
-                    vlm.generate([image], [question], knobs, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens)
-                    _sync(device)
-                    elapsed_ms = (time.perf_counter() - start) * 1000.0
+                    elapsed_ms = timed(knobs, image, question)
                     if record:
                         times[knobs].append(elapsed_ms)
                     bar.update(1)
@@ -502,6 +684,7 @@ def profile_latency(
     return LatencyTable(
         latency_ms=latency_ms,
         knob_space=space.as_dict(),
+        quantile_factors=pooled_quantile_factors(times),
         iqr_ms=iqr_ms,
         vision_ms=vision_ms,
         answer_tokens=answer_tokens,
@@ -509,12 +692,40 @@ def profile_latency(
         warmup=warmup,
         machine=machine,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        model=model,
+        model_id=model_fingerprint(vlm),
         samples=uids,
     )
 
 
 # --- budgets ------------------------------------------------------------------------
+def check_budgets(budgets: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Validate budgets (ms, or relative to the full configuration) and return them as a 1-D float tensor (N,).
+
+    Every policy and the controller check budgets with this one function: strings, NaN,
+    infinities, zero and negative values are refused with the offending rows named.
+    """
+    if isinstance(budgets, str) or (isinstance(budgets, (list, tuple)) and any(isinstance(b, str) for b in budgets)):
+        raise ValueError(f"budgets must be numbers, got strings: {budgets!r}")
+    budgets = torch.as_tensor(budgets)
+    if budgets.dtype == torch.bool or budgets.is_complex():
+        raise ValueError(f"budgets must be real numbers, got dtype {budgets.dtype}")
+    if not budgets.is_floating_point():
+        budgets = budgets.float()
+    if budgets.dim() != 1:
+        raise ValueError(f"budgets must be a 1-D tensor (N,), got shape {tuple(budgets.shape)}")
+    if budgets.numel() == 0:
+        raise ValueError("budgets is empty: give at least one budget")
+    bad = ~torch.isfinite(budgets) | (budgets <= 0)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        values = [float(budgets[r]) for r in rows[:5]]
+        raise ValueError(
+            f"budgets must be finite and > 0: got {values} at rows {rows[:5]}"
+            + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+        )
+    return budgets
+
+
 class BudgetSampler:
     """Latency budgets (ms) inside the range a latency table can actually achieve.
 
@@ -546,6 +757,11 @@ class BudgetSampler:
     def high(self) -> float:
         return self.table.max_ms * (1.0 + self.margin)
 
+    @property
+    def relative_range(self) -> tuple[float, float]:
+        """``(low, high)`` as fractions of the table's full-configuration latency (what a controller is given)."""
+        return self.table.relative(self.low), self.table.relative(self.high)
+
     def reset(self) -> None:
         """Restart the budget stream from the seed."""
         self.generator.manual_seed(self.seed)
@@ -567,21 +783,15 @@ class BudgetSampler:
         # float64 end to end: a float32 round-trip would put the ends just outside the table.
         return torch.linspace(self.table.min_ms, self.table.max_ms, num, dtype=torch.float64)
 
-    def normalize(self, budget_ms: torch.Tensor | float) -> torch.Tensor:
-        """Map budgets to [0, 1] over [low, high] (not clamped): the controller's budget input."""
-        budget_ms = torch.as_tensor(budget_ms, dtype=torch.float32)
-        span = max(self.high - self.low, 1e-9)
-        return (budget_ms - self.low) / span
-
 
 # --- command ------------------------------------------------------------------------
 def profile_command(
     model_dir: str | Path,
     out_path: str | Path,
-    answer_tokens: int = 4,
-    repeats: int = 5,
+    answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+    repeats: int = 15,
     warmup: int = 2,
-    num_samples: int = 4,
+    num_samples: int = 8,
     data_dir: str | Path | None = None,
     progress: bool = True,
 ) -> LatencyTable:
@@ -603,15 +813,7 @@ def profile_command(
         f"(T={answer_tokens}, repeats={repeats}, warmup={warmup}, torch threads={torch.get_num_threads()})",
         file=sys.stderr,
     )
-    table = profile_latency(
-        vlm,
-        samples,
-        answer_tokens=answer_tokens,
-        repeats=repeats,
-        warmup=warmup,
-        progress=progress,
-        model=str(model_dir),
-    )
+    table = profile_latency(vlm, samples, answer_tokens=answer_tokens, repeats=repeats, warmup=warmup, progress=progress)
     path = table.save(out_path)
     print(table.summary())
     print(f"saved -> {path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -11,16 +12,10 @@ import torch
 from .controller import ControllerConfig, TwoStageController
 from .data import data_path, load_split, split_path
 from .grpo import WARM_START_TEACHERS, GRPOConfig, JointGRPOTrainer
+from .guard import DEFAULT_QUANTILE
+from .assets import load_assets  # noqa: F401  (re-exported: notebooks import it from here)
 from .latency import BudgetSampler, LatencyTable
 from .vlm import KnobVLM
-
-
-def load_assets(model_dir: str | Path | None = None, table_path: str | Path | None = None):
-    """The shipped VLM and its latency table (checked to belong together)."""
-    vlm = KnobVLM.from_pretrained(model_dir or data_path("model"))
-    table = LatencyTable.load(table_path or data_path("latency_table.json"))
-    table.check_space(vlm.knob_space)
-    return vlm, table
 
 
 def make_trainer(
@@ -39,9 +34,11 @@ def make_trainer(
     train = load_split(split_path(data_path("vqa"), "train"))[:train_size]
     val = load_split(split_path(data_path("vqa"), "val"))
     if controller is None:
+        # The controller learns relative budgets: the training range as fractions of this
+        # machine's full-configuration latency, so it serves on any machine.
         sampler = BudgetSampler(table, margin=cfg.budget_margin)
         config = ControllerConfig.for_vlm(
-            vlm, (sampler.low, sampler.high), mode=cfg.stage2_mode, seed=cfg.seed, budget_guard=cfg.budget_guard
+            vlm, sampler.relative_range, mode=cfg.stage2_mode, seed=cfg.seed, budget_guard=cfg.budget_guard
         )
         controller = TwoStageController(config)
     if device is not None:
@@ -50,7 +47,9 @@ def make_trainer(
     return JointGRPOTrainer(vlm, controller, table, train, val, cfg)
 
 
-def warm_start_teacher(name: str, table: LatencyTable, accuracy_path: str | Path | None = None):
+def warm_start_teacher(
+    name: str, table: LatencyTable, accuracy_path: str | Path | None = None, quantile: float = DEFAULT_QUANTILE
+):
     """``teacher(sample, budget_ms) -> KnobConfig`` for ``JointGRPOTrainer.warm_start``.
 
     ``table``: the static lookup table; ``family-table``: the most accurate configuration
@@ -60,10 +59,10 @@ def warm_start_teacher(name: str, table: LatencyTable, accuracy_path: str | Path
 
     accuracy = load_config_accuracy(accuracy_path or data_path("config_accuracy_val.json"))
     if name == "table":
-        lookup = LookupTablePolicy(table, accuracy)
+        lookup = LookupTablePolicy(table, accuracy, quantile)
         return lambda sample, budget: lookup.choose_one(budget)
     if name == "family-table":
-        per_family = FamilyTablePolicy(table, accuracy)
+        per_family = FamilyTablePolicy(table, accuracy, quantile)
         return lambda sample, budget: per_family.choose_one(sample.family, budget)
     raise ValueError(f"warm start teacher {name!r} is invalid: allowed {list(WARM_START_TEACHERS)}")
 
@@ -84,7 +83,9 @@ def train_controller_command(args) -> None:
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
     elif cfg.warm_start_steps:
         losses = trainer.warm_start(
-            warm_start_teacher(cfg.warm_start_teacher, table), cfg.warm_start_steps, entropy_coef=cfg.warm_start_entropy
+            warm_start_teacher(cfg.warm_start_teacher, table, quantile=cfg.guard_quantile),
+            cfg.warm_start_steps,
+            entropy_coef=cfg.warm_start_entropy,
         )
         print(
             f"warm start: {cfg.warm_start_steps} behaviour-cloning steps on the {cfg.warm_start_teacher} teacher, "
@@ -109,34 +110,59 @@ def train_controller_command(args) -> None:
 
 
 def evaluate_command(args) -> None:
+    """``python -m knoblib evaluate``: the budget sweep on this machine's latency table, and with
+    ``--measured`` every request served one at a time and timed by the wall clock."""
+    from .assets import load_samples
     from .evaluate import (
         ControllerPolicy,
         FullModelPolicy,
         LookupTablePolicy,
         RandomFeasiblePolicy,
         budget_sweep,
+        format_measured,
         format_sweep,
         load_config_accuracy,
+        measured_sweep,
     )
     from .plots import plot_sweep
 
-    vlm, table = load_assets(args.model)
-    samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+    vlm, table = load_assets(args.model, args.table)
+    quantile = getattr(args, "quantile", DEFAULT_QUANTILE)
     policies = [
-        ControllerPolicy(TwoStageController.load(path, expected_space=vlm.knob_space), vlm, table=table)
+        ControllerPolicy(TwoStageController.load(path, expected_space=vlm.knob_space), vlm, table=table, quantile=quantile)
         for path in args.controllers
     ]
     policies += [
-        LookupTablePolicy(table, load_config_accuracy(data_path("config_accuracy_val.json"))),
-        RandomFeasiblePolicy(table, seed=0),
-        FullModelPolicy(),
+        LookupTablePolicy(table, load_config_accuracy(data_path("config_accuracy_val.json")), quantile),
+        RandomFeasiblePolicy(table, seed=0, quantile=quantile),
+        FullModelPolicy(vlm.knob_space),
     ]
-    budgets = BudgetSampler(table).sweep(args.budgets).tolist()
-    rows = budget_sweep(vlm, policies, samples, table, budgets)
-    print(format_sweep(rows))
+    # The sweep spans this machine's achievable range: from the fastest configuration to the
+    # full one, both at the guard's quantile (a budget above the full configuration's latency
+    # is served by it and decides nothing).
+    fastest = table.latency(table.fastest(), quantile)
+    full = table.latency(vlm.knob_space.full(), quantile)
+    budgets = torch.linspace(fastest, full, args.budgets, dtype=torch.float64).tolist()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"split": args.split, "n": len(samples), "rows": [r.as_dict() for r in rows]}, indent=1))
+    if args.measured:
+        samples = load_samples(args.split)
+        samples = random.Random(args.seed).sample(samples, min(args.n or 200, len(samples)))
+        rows = measured_sweep(vlm, policies, samples, table, budgets, seed=args.seed)
+        print(format_measured(rows))
+        payload = {
+            "split": args.split, "n": len(samples), "seed": args.seed, "quantile": quantile,
+            "answer_tokens": table.answer_tokens, "reference_ms": table.reference_ms,
+            "machine": {k: table.machine.get(k) for k in ("cpu_model", "cpu_count", "torch", "torch_num_threads")},
+            "rows": [r.as_dict() for r in rows],
+        }
+        (out / "measured.json").write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"saved {out / 'measured.json'}")
+        return
+    samples = load_samples(args.split, args.n or 1000)
+    rows = budget_sweep(vlm, policies, samples, table, budgets)
+    print(format_sweep(rows))
+    (out / "sweep.json").write_text(json.dumps({"split": args.split, "n": len(samples), "quantile": quantile, "rows": [r.as_dict() for r in rows]}, indent=1))
     fig = plot_sweep(rows)
     fig.savefig(out / "sweep.png", dpi=120, bbox_inches="tight")
     print(f"saved {out / 'sweep.json'} and {out / 'sweep.png'}")

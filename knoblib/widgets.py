@@ -338,7 +338,7 @@ class BudgetExplorer:
             questions = [s.question for s in rows]
             run = run_controller(
                 self.vlm, self.controllers[mode], self.language, images, questions,
-                torch.tensor(row_budgets, dtype=torch.float64), MODES[mode], self.answer_tokens, greedy=True,
+                torch.tensor(row_budgets, dtype=torch.float64), self.table, MODES[mode], self.answer_tokens, greedy=True,
                 guard=self.guards[mode],
             )
             table_knobs = [self.lookup.choose_one(b) for b in row_budgets]

@@ -19,7 +19,7 @@ from knoblib.knobs import KnobConfig, KnobSpace
 # 8 blocks, top-4: p in 1..3, top_k in (2, 3, 4); totals p=1: 6..8, p=2: 7..8, p=3: 8.
 SPACE = KnobSpace.for_model(8, 4)
 LANG_DIM, LATENCY_DIM = 12, 20
-BUDGETS = torch.tensor([50.0, 120.0, 200.0, 260.0])
+BUDGETS = torch.tensor([0.5, 0.7, 0.9, 1.05])  # relative to the full configuration's latency
 
 
 def make_controller(mode: str = "B", space: KnobSpace = SPACE, **overrides) -> TwoStageController:
@@ -28,7 +28,7 @@ def make_controller(mode: str = "B", space: KnobSpace = SPACE, **overrides) -> T
         knob_space=space.as_dict(),
         lang_dim=LANG_DIM,
         latency_dim=LATENCY_DIM,
-        budget_range_ms=(40.0, 250.0),
+        budget_range=(0.4, 1.1),
         num_frequencies=4,
         hidden_dim=16,
         budget_dim=8,
@@ -88,7 +88,7 @@ def test_log_probs_and_entropies_match_hand_computation(mode):
         top_k=torch.tensor([2, 0, 1]),
         num_active_blocks=torch.tensor([0, 1, 2]),  # totals 6, 7, 8: each allowed for its p
     )
-    log_prob, entropies = controller.evaluate_actions(decisions, lang_feat, budget_feat, latency_token)
+    log_prob, entropies = controller.evaluate_actions(decisions, lang_feat, budget_feat, latency_token=latency_token)
 
     allowed_blocks = {0: [0, 1, 2], 1: [1, 2], 2: [2]}  # per p index: allowed all_block_options indices
     for row in range(3):
@@ -113,10 +113,11 @@ def test_masked_block_options_are_never_sampled_nor_chosen_greedily():
     set_fixed_logits(controller, {"num_active_blocks": [10.0, 5.0, 0.0]})
     n = 5000
     lang_feat = torch.randn(n, LANG_DIM)
-    budget_feat = controller.encode_budget(torch.full((n,), 100.0))
+    budget_feat = controller.encode_budget(torch.full((n,), 0.8))
     position = torch.arange(n) % 3  # p = 1, 2, 3
     generator = torch.Generator().manual_seed(0)
-    _, blocks = controller.sample_stage2(position, lang_feat, budget_feat, generator=generator)
+    tier = torch.zeros(n, dtype=torch.long)
+    _, blocks = controller.sample_stage2(tier, position, lang_feat, budget_feat, generator=generator)
     totals = torch.tensor(SPACE.all_block_options)[blocks]
     for p_idx in range(3):
         allowed = set(SPACE.block_options(p_idx + 1))
@@ -124,7 +125,7 @@ def test_masked_block_options_are_never_sampled_nor_chosen_greedily():
     # p = 1 allows all three; the largest logit wins there almost always.
     assert (totals[position == 0] == 6).float().mean() > 0.9
 
-    _, greedy = controller.sample_stage2(position, lang_feat, budget_feat, greedy=True)
+    _, greedy = controller.sample_stage2(tier, position, lang_feat, budget_feat, greedy=True)
     greedy_totals = torch.tensor(SPACE.all_block_options)[greedy]
     assert greedy_totals[position == 0].eq(6).all()
     assert greedy_totals[position == 1].eq(7).all()
@@ -239,7 +240,7 @@ def test_decisions_validate_their_tensors():
 def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng_alone():
     controller = make_controller("B")
     lang_feat, _ = features(64)
-    budget_feat = controller.encode_budget(torch.linspace(40.0, 250.0, 64))
+    budget_feat = controller.encode_budget(torch.linspace(0.4, 1.1, 64))
     state = torch.get_rng_state()
     first = controller.sample(lang_feat, budget_feat, generator=torch.Generator().manual_seed(7))
     second = controller.sample(lang_feat, budget_feat, generator=torch.Generator().manual_seed(7))
@@ -266,7 +267,7 @@ def test_gradients_reach_both_stages_and_the_budget_encoder(mode):
     lang_feat, latency_token = features()
     budget_feat = controller.encode_budget(BUDGETS)
     decisions = Decisions.from_knobs([SPACE.full(), SPACE.cheapest(), SPACE.full(), SPACE.cheapest()], SPACE)
-    log_prob, entropies = controller.evaluate_actions(decisions, lang_feat, budget_feat, latency_token)
+    log_prob, entropies = controller.evaluate_actions(decisions, lang_feat, budget_feat, latency_token=latency_token)
     assert log_prob.shape == (4,)
     (log_prob.sum() + 0.1 * sum(e.sum() for e in entropies.values())).backward()
     for module in (controller.stage1, controller.stage2, controller.budget_encoder):
@@ -281,7 +282,9 @@ def test_latency_tokens_made_under_inference_mode_can_be_scored():
     with torch.inference_mode():  # as KnobVLM.generate returns them
         latency_token = torch.randn(4, LATENCY_DIM)
     decisions = Decisions.from_knobs([SPACE.full()] * 4, SPACE)
-    log_prob, _ = controller.evaluate_actions(decisions, lang_feat, controller.encode_budget(BUDGETS), latency_token)
+    log_prob, _ = controller.evaluate_actions(
+        decisions, lang_feat, controller.encode_budget(BUDGETS), latency_token=latency_token
+    )
     log_prob.sum().backward()
     assert controller.stage2.latency_token_proj.weight.grad is not None
 
@@ -291,18 +294,18 @@ def test_mode_a_decider_records_what_it_chose():
     lang_feat, latency_token = features()
     budget_feat = controller.encode_budget(BUDGETS)
     tier, position = controller.sample_stage1(lang_feat, budget_feat, generator=torch.Generator().manual_seed(0))
-    decider = ModeADecider(controller, position, generator=torch.Generator().manual_seed(1))
+    decider = ModeADecider(controller, tier, position, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():  # the VLM calls it per pause, rows in any order
         top_k, blocks = decider(latency_token[[2, 0]], torch.tensor([2, 0]))
         with pytest.raises(ValueError, match="never reached"):
-            decider.decisions(tier)
+            decider.decisions()
         decider(latency_token[[1, 3]], torch.tensor([1, 3]))
-    decisions = decider.decisions(tier)
+    decisions = decider.decisions()
     knobs = decisions.to_knobs(SPACE)
     assert [knobs[2].top_k, knobs[0].top_k] == top_k
     assert [knobs[2].num_active_blocks, knobs[0].num_active_blocks] == blocks
     torch.testing.assert_close(decider.latency_tokens, latency_token)
-    log_prob, _ = controller.evaluate_actions(decisions, lang_feat, budget_feat, decider.latency_tokens)
+    log_prob, _ = controller.evaluate_actions(decisions, lang_feat, budget_feat, latency_token=decider.latency_tokens)
     assert torch.isfinite(log_prob).all()
 
 
@@ -325,8 +328,10 @@ def test_save_load_round_trip(tmp_path, mode):
 
     lang_feat, latency_token = features()
     decisions = Decisions.from_knobs([SPACE.full(), SPACE.cheapest()] * 2, SPACE)
-    expected, _ = controller.evaluate_actions(decisions, lang_feat, controller.encode_budget(BUDGETS), latency_token)
-    got, _ = loaded.evaluate_actions(decisions, lang_feat, loaded.encode_budget(BUDGETS), latency_token)
+    expected, _ = controller.evaluate_actions(
+        decisions, lang_feat, controller.encode_budget(BUDGETS), latency_token=latency_token
+    )
+    got, _ = loaded.evaluate_actions(decisions, lang_feat, loaded.encode_budget(BUDGETS), latency_token=latency_token)
     assert torch.equal(expected, got)
     assert torch.equal(controller.probe_embeddings(BUDGETS), loaded.probe_embeddings(BUDGETS))
 
@@ -367,7 +372,8 @@ def test_missing_checkpoint_raises_file_not_found(tmp_path):
         ("lang_dim", 0),
         ("latency_dim", -3),
         ("hidden_dim", 2.5),
-        ("budget_range_ms", (300.0, 100.0)),
+        ("budget_range", (3.0, 1.0)),
+        ("hidden_act", "tanh"),
         ("num_frequencies", 0),
         ("probe_scale", 0.0),
         ("seed", -1),
@@ -382,7 +388,7 @@ def test_config_validation_names_the_field(field, value):
 def test_config_for_vlm():
     embedding = torch.nn.Embedding(10, LATENCY_DIM)
     vlm = SimpleNamespace(knob_space=SPACE, hidden_size=LATENCY_DIM, input_embeddings=embedding, tokenizer=None)
-    config = ControllerConfig.for_vlm(vlm, (40.0, 250.0), mode="A")
+    config = ControllerConfig.for_vlm(vlm, (0.4, 1.1), mode="A")
     assert config.get_knob_space() == SPACE and config.mode == "A"
     assert config.lang_dim == config.latency_dim == LATENCY_DIM
     assert config.probe_scale == pytest.approx(embedding.weight.norm(dim=-1).mean().item())
@@ -392,14 +398,14 @@ def test_config_for_vlm():
 def test_resumable_mode_a_with_the_tiny_vlm(tiny_vlm, samples):
     from knoblib.features import LanguageFeatureExtractor
 
-    controller = TwoStageController(ControllerConfig.for_vlm(tiny_vlm, (40.0, 250.0), mode="A", hidden_dim=16))
+    controller = TwoStageController(ControllerConfig.for_vlm(tiny_vlm, (0.4, 1.1), mode="A", hidden_dim=16))
     rows = samples[:3]
     lang_feat = LanguageFeatureExtractor.from_vlm(tiny_vlm)([s.question for s in rows])
-    budgets = torch.tensor([60.0, 150.0, 240.0])
+    budgets = torch.tensor([0.5, 0.8, 1.05])
     budget_feat = controller.encode_budget(budgets)
     tier, position = controller.sample_stage1(lang_feat, budget_feat, generator=torch.Generator().manual_seed(0))
     space = controller.knob_space
-    decider = ModeADecider(controller, position, generator=torch.Generator().manual_seed(1))
+    decider = ModeADecider(controller, tier, position, generator=torch.Generator().manual_seed(1))
     out = tiny_vlm.generate(
         [s.image() for s in rows],
         [s.question for s in rows],
@@ -408,9 +414,9 @@ def test_resumable_mode_a_with_the_tiny_vlm(tiny_vlm, samples):
         decide=decider,
         stage1=[(space.tiers[t], space.insertion_positions[p]) for t, p in zip(tier.tolist(), position.tolist())],
     )
-    decisions = decider.decisions(tier)
+    decisions = decider.decisions()
     assert out.knobs == decisions.to_knobs(space)
     torch.testing.assert_close(decider.latency_tokens, out.latency_tokens.clone())
-    log_prob, _ = controller.evaluate_actions(decisions, lang_feat, budget_feat, out.latency_tokens)
+    log_prob, _ = controller.evaluate_actions(decisions, lang_feat, budget_feat, latency_token=out.latency_tokens)
     log_prob.sum().backward()
     assert torch.isfinite(log_prob).all()

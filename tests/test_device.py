@@ -99,7 +99,7 @@ def test_tensors_are_created_on_the_module_device(tiny_vlm, samples, table, pool
     knobs = mixed_knobs(space)
     sampler = BudgetSampler(table)
     configs = {
-        mode: ControllerConfig.for_vlm(vlm, (sampler.low, sampler.high), mode="B" if mode == "B" else "A", seed=0)
+        mode: ControllerConfig.for_vlm(vlm, sampler.relative_range, mode="B" if mode == "B" else "A", seed=0)
         for mode in MODES
     }
     controller_a = TwoStageController(configs["A-resumable"])
@@ -111,18 +111,19 @@ def test_tensors_are_created_on_the_module_device(tiny_vlm, samples, table, pool
         vlm.generate(images, questions, knobs, 3)
         vlm.generate(images, questions, None, 3, skip_blocks=[2, 5])
         stage1 = [(k.tier, k.insertion_position) for k in knobs]
-        probe = controller_a.probe_embeddings(budgets)
+        probe = controller_a.probe_embeddings(table.relative(budgets))
         vlm.partial_forward(images, questions, stage1, probe)
         position = torch.tensor([k.insertion_position - 1 for k in knobs])
-        decider = ModeADecider(controller_a, position, generator=torch.Generator().manual_seed(1))
+        tier = torch.zeros(4, dtype=torch.long)
+        decider = ModeADecider(controller_a, tier, position, generator=torch.Generator().manual_seed(1))
         vlm.generate(images, questions, None, 3, probe_embeddings=probe, decide=decider, stage1=stage1)
-        decider.decisions(torch.zeros(4, dtype=torch.long))
+        decider.decisions()
         vlm.loss(images, questions, answers, knobs)
         for mode in MODES:
             controller = trainers[mode].controller
-            run_controller(vlm, controller, language, images, questions, budgets, mode, 3,
+            run_controller(vlm, controller, language, images, questions, budgets, table, mode, 3,
                            generator=torch.Generator().manual_seed(0))
-            run_controller(vlm, controller, language, images, questions, budgets, mode, 3, greedy=True)
+            run_controller(vlm, controller, language, images, questions, budgets, table, mode, 3, greedy=True)
             trainers[mode].train_step()
             trainers[mode].validate()
             trainers[mode].save_checkpoint(tmp_path / mode)
@@ -181,8 +182,8 @@ def test_vlm_generate_partial_forward_and_loss_on_cuda(tiny_vlm, samples, table,
 
     # Mode A on a CUDA controller with a CPU generator: partial forward and resumable pause.
     sampler = BudgetSampler(table)
-    controller = TwoStageController(ControllerConfig.for_vlm(cpu, (sampler.low, sampler.high), mode="A")).to("cuda")
-    budgets = torch.tensor([60.0, 120.0, 180.0, 240.0])
+    controller = TwoStageController(ControllerConfig.for_vlm(cpu, sampler.relative_range, mode="A")).to("cuda")
+    budgets = table.relative(torch.tensor([60.0, 120.0, 180.0, 240.0]))
     probe = controller.probe_embeddings(budgets)
     assert probe.device.type == "cuda"
     stage1 = [(k.tier, k.insertion_position) for k in knobs]
@@ -190,16 +191,18 @@ def test_vlm_generate_partial_forward_and_loss_on_cuda(tiny_vlm, samples, table,
     assert latency.device.type == "cuda"
     torch.testing.assert_close(latency.cpu(), cpu.partial_forward(images, questions, stage1, probe.cpu()), **tol)
     position = torch.tensor([k.insertion_position - 1 for k in knobs])
-    decider = ModeADecider(controller, position, generator=torch.Generator().manual_seed(1))
+    decider = ModeADecider(
+        controller, torch.zeros(4, dtype=torch.long), position, generator=torch.Generator().manual_seed(1)
+    )
     out = gpu.generate(images, questions, None, 3, probe_embeddings=probe, decide=decider, stage1=stage1)
-    decisions = decider.decisions(torch.zeros(4, dtype=torch.long, device="cuda"))
+    decisions = decider.decisions()
     assert decider.latency_tokens.device.type == "cuda" and not decider.latency_tokens.isnan().any()
     assert [(k.top_k, k.num_active_blocks) for k in out.knobs] == [
         (k.top_k, k.num_active_blocks) for k in decisions.to_knobs(gpu.knob_space)
     ]
     log_prob, _ = controller.evaluate_actions(
         decisions, LanguageFeatureExtractor.from_vlm(gpu)(questions), controller.encode_budget(budgets),
-        decider.latency_tokens,
+        latency_token=decider.latency_tokens,
     )
     assert log_prob.device.type == "cuda" and torch.isfinite(log_prob).all()
 

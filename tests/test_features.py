@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from knoblib.features import BudgetProbe, LanguageFeatureExtractor, LatencyBudgetEncoder
+from knoblib.features import BudgetOutOfRangeWarning, BudgetProbe, LanguageFeatureExtractor, LatencyBudgetEncoder
 
 LO, HI = 100.0, 400.0
 
@@ -60,10 +60,11 @@ def test_mean_embedding_norm(extractor):
 def test_sinusoidal_layout():
     encoder = LatencyBudgetEncoder((LO, HI), num_frequencies=6)
     budgets = torch.tensor([LO, 250.0, HI, 500.0])
-    features = encoder.sinusoidal(budgets)
+    with pytest.warns(BudgetOutOfRangeWarning, match=r"outside the range \[100.000, 400.000\]"):
+        features = encoder.sinusoidal(budgets)
     assert features.shape == (4, 13)
-    u = (budgets - LO) / (HI - LO)
-    torch.testing.assert_close(features[:, 0], u)  # u itself, extending past 1 above the range
+    u = ((budgets - LO) / (HI - LO)).clamp(0, 1)
+    torch.testing.assert_close(features[:, 0], u)  # u itself, saturated at 1 above the range
     frequencies = (math.pi / 2) * 2.0 ** torch.arange(6)
     torch.testing.assert_close(features[:, 1:7], torch.sin(u[:, None] * frequencies))
     torch.testing.assert_close(features[:, 7:], torch.cos(u[:, None] * frequencies))
@@ -114,8 +115,20 @@ def test_bad_budgets_raise(budgets, match):
 
 @pytest.mark.parametrize("budget_range", [(400.0, 100.0), (100.0, float("inf")), (-1.0, 10.0)])
 def test_bad_budget_range_raises(budget_range):
-    with pytest.raises(ValueError, match="budget_range_ms"):
+    with pytest.raises(ValueError, match="budget_range"):
         LatencyBudgetEncoder(budget_range)
+
+
+def test_budgets_outside_the_range_saturate_and_warn_once():
+    encoder = LatencyBudgetEncoder((0.5, 1.1))
+    with pytest.warns(BudgetOutOfRangeWarning) as record:
+        far = encoder(torch.tensor([2.0, 10.0, 1000.0, 1e9]))
+        encoder(torch.tensor([0.01]))
+    assert len(record) == 1 and "[0.500, 1.100]" in str(record[0].message)
+    edge = encoder(torch.tensor([1.1]))
+    # More budget than the controller ever saw is served like the most it saw.
+    torch.testing.assert_close(far, edge.expand(4, -1))
+    torch.testing.assert_close(encoder(torch.tensor([0.01])), encoder(torch.tensor([0.5])))
 
 
 # --- BudgetProbe --------------------------------------------------------------------------

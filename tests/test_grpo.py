@@ -33,7 +33,7 @@ def pool():
 def make_trainer(tiny_vlm, table, pool, **overrides):
     cfg = GRPOConfig(**{"steps": 4, "batch_size": 2, "val_every": 0, "val_size": 4, "seed": 0, **overrides})
     sampler = BudgetSampler(table, margin=cfg.budget_margin)
-    config = ControllerConfig.for_vlm(tiny_vlm, (sampler.low, sampler.high), mode=cfg.stage2_mode, seed=0)
+    config = ControllerConfig.for_vlm(tiny_vlm, sampler.relative_range, mode=cfg.stage2_mode, seed=0)
     return JointGRPOTrainer(tiny_vlm, TwoStageController(config), table, pool[:16], pool[16:], cfg)
 
 
@@ -93,7 +93,7 @@ def test_batched_rollouts_equal_each_configuration_alone(tiny_vlm, table, pool):
     run = run_controller(
         tiny_vlm, trainer.controller, trainer.language,
         [s.image() for s in samples for _ in range(5)], [s.question for s in samples for _ in range(5)],
-        budgets.repeat_interleave(5), "B", 3, generator=torch.Generator().manual_seed(1),
+        budgets.repeat_interleave(5), table, "B", 3, generator=torch.Generator().manual_seed(1),
     )
     assert len(set(run.knobs)) > 1, "the group should hold different configurations"
     rows = [s for s in samples for _ in range(5)]
@@ -191,7 +191,7 @@ def test_warm_start_clones_the_teacher_and_anchors_the_kl(tiny_vlm, table, pool)
     decisions = Decisions.from_knobs([teacher(None, float(b)) for b in budgets], space)
     with torch.no_grad():
         log_prob, _ = trainer.controller.evaluate_actions(
-            decisions, lang, trainer.controller.encode_budget(budgets), guard=trainer.guard, budgets_ms=budgets
+            decisions, lang, trainer.controller.encode_budget(table.relative(budgets)), trainer.guard.mask(budgets)
         )
     assert log_prob.exp().mean() > 0.5
     # The KL anchor is the cloned policy, and GRPO can start from it.

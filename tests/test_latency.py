@@ -16,8 +16,14 @@ from knoblib.latency import (
     FILE_FORMAT,
     FILE_VERSION,
     PROFILE_COMMAND,
+    QUANTILES,
     BudgetSampler,
     LatencyTable,
+    check_budgets,
+    machine_fingerprint,
+    machine_info,
+    model_fingerprint,
+    pooled_quantile_factors,
     profile_latency,
 )
 from knoblib.vlm import KnobVLM, VLMConfig
@@ -50,9 +56,7 @@ def profile_configs(vlm):
 @pytest.fixture(scope="module")
 def profiled(vlm, profile_configs):
     samples = generate_split(3, seed=5)
-    return profile_latency(
-        vlm, samples, answer_tokens=2, repeats=2, warmup=1, configs=profile_configs, progress=False, model="tiny"
-    )
+    return profile_latency(vlm, samples, answer_tokens=2, repeats=2, warmup=1, configs=profile_configs, progress=False)
 
 
 SPACE = KnobSpace.for_model(8, 4)
@@ -62,9 +66,28 @@ C = KnobConfig("medium", 2, 3, 7)
 D = KnobConfig("high", 3, 4, 8)
 
 
+def synthetic_latency(k: KnobConfig) -> float:
+    """Made-up latencies for every configuration of SPACE (the full one is the slowest, 100 ms)."""
+    cost = {"low": 40.0, "medium": 60.0, "high": 88.0}
+    experts = (k.top_k * (8 - k.insertion_position) + 4 * k.insertion_position) / 8  # top_k applies from block p on
+    return cost[k.tier] + 2.0 * (k.num_active_blocks - 6) + 2.0 * experts
+
+
+@pytest.fixture
+def full_table():
+    """A synthetic table with every configuration of SPACE and a tail (p95 = 1.1x the median)."""
+    return LatencyTable(
+        latency_ms={k: synthetic_latency(k) for k in SPACE},
+        knob_space=SPACE,
+        quantile_factors={0.5: 1.0, 0.9: 1.05, 0.95: 1.1, 0.99: 1.2},
+        machine=machine_info(),
+        model_id="synthetic",
+    )
+
+
 @pytest.fixture
 def table():
-    """A hand-built table with made-up numbers (B and C tie at 20 ms)."""
+    """A hand-built partial table with made-up numbers (B and C tie at 20 ms)."""
     return LatencyTable(
         latency_ms={D: 40.0, B: 20.0, A: 10.0, C: 20.0},
         knob_space=SPACE,
@@ -86,7 +109,8 @@ def test_profile_gives_finite_positive_latencies_and_metadata(profiled, profile_
     assert all(math.isfinite(v) and v > 0 for v in profiled.vision_ms.values())
     assert profiled.answer_tokens == 2 and profiled.repeats == 2 and profiled.warmup == 1
     assert profiled.knob_space == vlm.knob_space.as_dict()
-    assert profiled.model == "tiny"
+    assert profiled.model_id == model_fingerprint(vlm)
+    assert set(profiled.quantile_factors) == set(QUANTILES)
     assert len(profiled.samples) == 3
     assert profiled.date
     m = profiled.machine
@@ -109,9 +133,14 @@ def test_profile_validates_arguments(vlm):
 
 
 # --- save / load ----------------------------------------------------------------------
-def test_save_load_round_trip(profiled, tmp_path):
+def test_save_load_round_trip(profiled, full_table, tmp_path):
+    path = full_table.save(tmp_path / "full.json")
+    assert LatencyTable.load(path) == full_table
+    # A partial profile (three configurations) loads only when asked: served tables are complete.
     path = profiled.save(tmp_path / "sub" / "latency.json")
-    loaded = LatencyTable.load(path)
+    with pytest.raises(ValueError, match="lacks 51 of the 54 configurations"):
+        LatencyTable.load(path)
+    loaded = LatencyTable.load(path, complete=False)
     assert loaded == profiled
     assert loaded.configs == profiled.configs
     assert loaded.source == str(path)
@@ -154,10 +183,13 @@ def _write_variant(table, tmp_path, edit):
         (lambda d: d["rows"].append(dict(d["rows"][0])), "repeats"),
         (lambda d: d["knob_space"].update(num_layers=1), "knob_space"),
         (lambda d: d["rows"][0].update(iqr_ms=-2.0), "IQR"),
+        (lambda d: d["rows"].pop(3), "lacks 1 of the 54 configurations"),
+        (lambda d: d.update(quantile_factors={"0.5": 1.0, "0.9": 0.8}), "quantile_factors"),
+        (lambda d: d.update(quantile_factors={"0.5": 1.0, "0.9": 1.3, "0.99": 1.1}), "must not decrease"),
     ],
 )
-def test_load_rejects_bad_content_naming_path(table, tmp_path, edit, problem):
-    path = _write_variant(table, tmp_path, edit)
+def test_load_rejects_bad_content_naming_path(full_table, tmp_path, edit, problem):
+    path = _write_variant(full_table, tmp_path, edit)
     with pytest.raises(ValueError, match=problem) as err:
         LatencyTable.load(path)
     assert str(path) in str(err.value)
@@ -208,7 +240,10 @@ def test_to_rows(table):
     rows = table.to_rows()
     assert len(rows) == 4
     first = rows[0]
-    assert set(first) == {"tier", "insertion_position", "top_k", "num_active_blocks", "latency_ms", "vision_ms", "iqr_ms"}
+    assert set(first) == {
+        "tier", "insertion_position", "top_k", "num_active_blocks", "latency_ms", "p90_ms", "p99_ms", "vision_ms", "iqr_ms"
+    }
+    assert first["p99_ms"] == first["latency_ms"]  # a hand-built table has no measured spread
     assert first["tier"] == "high" and first["latency_ms"] == 40.0 and first["vision_ms"] == 8.0 and first["iqr_ms"] == 2.0
     assert next(r for r in rows if r["tier"] == "medium")["vision_ms"] is None
 
@@ -257,9 +292,92 @@ def test_budget_sweep_endpoints(table):
         BudgetSampler(table).sweep(1)
 
 
-def test_budget_normalize(table):
-    sampler = BudgetSampler(table, margin=0.1)
-    assert sampler.normalize(torch.tensor([sampler.low, sampler.high])).tolist() == pytest.approx([0.0, 1.0])
+def test_budget_sampler_relative_range(full_table):
+    sampler = BudgetSampler(full_table, margin=0.1)
+    lo, hi = sampler.relative_range
+    assert lo == pytest.approx(0.9 * full_table.min_ms / 100.0) and hi == pytest.approx(1.1)
+    # A machine 4x slower has the same relative range: that is what the controller learns.
+    assert BudgetSampler(full_table.scaled(4.0)).relative_range == pytest.approx((lo, hi))
+
+
+# --- quantiles, relative budgets, fingerprints -----------------------------------------
+def test_quantiles_scale_the_median(full_table):
+    k = SPACE.cheapest()
+    assert full_table.latency(k) == synthetic_latency(k)
+    assert full_table.latency(k, 0.95) == pytest.approx(1.1 * synthetic_latency(k))
+    assert full_table.latencies([k], 0.99).tolist() == pytest.approx([1.2 * synthetic_latency(k)])
+    assert full_table.feasible(synthetic_latency(k), 0.95) == []
+    with pytest.raises(ValueError, match=r"quantile=0.8 is not in this latency table: allowed \[0.5, 0.9, 0.95, 0.99\]"):
+        full_table.latency(k, 0.8)
+    rows = full_table.to_rows()
+    assert rows[0]["p99_ms"] == pytest.approx(1.2 * rows[0]["latency_ms"])
+
+
+def test_relative_budgets_are_fractions_of_the_full_configuration(full_table):
+    assert full_table.reference_ms == synthetic_latency(SPACE.full()) == 100.0
+    assert full_table.relative(75.0) == 0.75 and full_table.absolute(0.75) == 75.0
+    slow = full_table.scaled(4.0)
+    assert slow.reference_ms == 400.0 and slow.relative(300.0) == 0.75
+    assert slow.relative(torch.tensor([400.0])).tolist() == [1.0]
+    with pytest.raises(ValueError, match="factor"):
+        full_table.scaled(0.0)
+
+
+def test_pooled_quantile_factors():
+    # Two configurations, each spread +-10 % around its median: the pooled tail is relative.
+    times = {A: [9.0, 10.0, 11.0] * 10, B: [18.0, 20.0, 22.0] * 10}
+    factors = pooled_quantile_factors(times)
+    assert factors[0.5] == 1.0
+    assert 1.0 <= factors[0.75] <= factors[0.9] <= factors[0.95] <= factors[0.99] <= 1.1 + 1e-9
+    assert factors[0.99] == pytest.approx(1.1)
+
+
+def test_machine_fingerprint_ignores_volatile_fields():
+    info = machine_info()
+    same = {**info, "load_avg_start": 3.0, "python": "0.0"}
+    assert machine_fingerprint(info) == machine_fingerprint(same)
+    assert machine_fingerprint(info) != machine_fingerprint({**info, "torch_num_threads": 99})
+    assert machine_fingerprint(info) != machine_fingerprint({**info, "cpu_model": "another CPU"})
+
+
+def test_shipped_table_has_no_paths_and_is_complete():
+    from knoblib.data import data_path
+
+    text = data_path("latency_table.json").read_text()
+    assert str(data_path()) not in text and '"/' not in text
+    table = LatencyTable.load(data_path("latency_table.json"))
+    assert not table.missing() and table.model_id and table.answer_tokens == 2
+    assert set(table.quantile_factors) >= {0.5, 0.9, 0.99}
+
+
+def test_profile_with_a_synthetic_clock_times_nothing(vlm):
+    """The measurement is injectable: a machine 3x slower than a made-up table, with no clock at all."""
+    calls = []
+
+    def measure(knobs, image, question):
+        calls.append(knobs)
+        return 3.0 * synthetic_latency(knobs)
+
+    configs = [SPACE.cheapest(), SPACE.full()]
+    table = profile_latency(vlm, generate_split(2, seed=1), repeats=3, warmup=1, configs=configs, progress=False, measure=measure)
+    assert len(calls) == 4 * 2
+    assert table.latency(SPACE.full()) == 300.0 and table.quantile_factors[0.99] == 1.0
+    assert table.vision_ms == {}  # vision is timed only with the real clock
+
+
+def test_check_budgets_names_the_bad_rows():
+    assert check_budgets([1, 2.5]).tolist() == [1.0, 2.5]
+    for bad, match in [
+        ([1.0, float("nan")], r"rows \[1\]"),
+        ([-1.0], "finite and > 0"),
+        ([0.0], "finite and > 0"),
+        (["20"], "strings"),
+        ("20", "strings"),
+        ([], "empty"),
+        ([[1.0]], "1-D"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            check_budgets(bad)
 
 
 @pytest.mark.parametrize("margin", [-0.1, 1.0, 1.5, float("nan")])
