@@ -567,13 +567,20 @@ def build_tokenizer():
     Ids: ``<pad>``=0, ``<unk>``=1, ``<bos>``=2, ``<eos>``=3, ``<image>``=4, then
     the sorted words. Pads on the left (for batched generation). No BOS/EOS is
     added automatically; callers build prompts explicitly.
+
+    Text is normalised (NFKC, lower case) and split at whitespace and around each
+    punctuation mark, so "What color is the shape?" gives the same ids as the
+    generated "what color is the shape ?". The generated questions are lower case
+    with spaced punctuation already, so their ids are the same as with a plain
+    whitespace split.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + vocabulary_words())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
