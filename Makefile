@@ -36,17 +36,18 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not notebook and not browser and not slow"
 
 # Rebuild every shipped artifact in data/ from scratch, in order (about an hour on 2 CPU cores).
+# Commands write to runs/ by default; each step here names its data/ path and passes --overwrite.
 artifacts: $(STAMP)
-	$(BIN)/python -m knoblib data
-	$(BIN)/python -m knoblib pretrain
-	$(BIN)/python -m knoblib rank-blocks
-	$(BIN)/python -m knoblib profile-latency
-	$(BIN)/python -m knoblib config-accuracy
-	$(BIN)/python -m knoblib knob-table
-	$(BIN)/python -m knoblib expert-ablation
-	$(BIN)/python -m knoblib train --mode B --warm-start-steps 300 --warm-start-entropy 0.5 --warm-start-teacher family-table --kl-coef 0.05 --out runs/B --export data/controller_B
-	$(BIN)/python -m knoblib train --mode A-resumable --out runs/A-resumable --export data/controller_A
-	$(BIN)/python -m knoblib evaluate
+	$(BIN)/python -m knoblib data --out data/vqa --tokenizer-out data/tokenizer --overwrite
+	$(BIN)/python -m knoblib pretrain --out data/model --overwrite
+	$(BIN)/python -m knoblib rank-blocks --model data/model --out data/model --overwrite
+	$(BIN)/python -m knoblib profile-latency --out data/latency_table.json --overwrite
+	$(BIN)/python -m knoblib config-accuracy --out data/config_accuracy_val.json --overwrite
+	$(BIN)/python -m knoblib knob-table --out data/knob_table.json --overwrite
+	$(BIN)/python -m knoblib expert-ablation --out data/expert_ablation.json --overwrite
+	$(BIN)/python -m knoblib train --mode B --warm-start-steps 300 --warm-start-entropy 0.5 --warm-start-teacher family-table --kl-coef 0.05 --out runs/B --export data/controller_B --overwrite
+	$(BIN)/python -m knoblib train --mode A-resumable --out runs/A-resumable --export data/controller_A --overwrite
+	$(BIN)/python -m knoblib evaluate --out data/eval --overwrite
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

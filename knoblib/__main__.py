@@ -1,45 +1,104 @@
 """Command line: ``python -m knoblib <command>`` (also installed as ``knoblib``).
 
-The shipped artifacts in ``data/`` are made, in order, by::
+Every command writes under ``runs/`` by default. The shipped artifacts in ``data/`` are
+rebuilt, in order, by ``make artifacts``, which passes each command an explicit path in
+``data/`` and ``--overwrite``::
 
-    python -m knoblib data               # synthetic VQA splits + tokenizer
-    python -m knoblib pretrain           # the tiny MoE VLM        -> data/model
-    python -m knoblib rank-blocks        # block importance        -> data/model
-    python -m knoblib profile-latency    # latency of every config -> data/latency_table.json
-    python -m knoblib config-accuracy    # val accuracy per config -> data/config_accuracy_val.json
+    python -m knoblib data               # synthetic VQA splits + tokenizer -> runs/vqa, runs/tokenizer
+    python -m knoblib pretrain           # the tiny MoE VLM        -> runs/model
+    python -m knoblib rank-blocks        # block importance        -> runs/model_ranked (a copy of --model)
+    python -m knoblib profile-latency    # latency of every config -> runs/latency_table.json
+    python -m knoblib config-accuracy    # val accuracy per config -> runs/config_accuracy_val.json
     python -m knoblib oracle-gap         # what a family-aware policy could win over the lookup table
-    python -m knoblib knob-table         # README's knob table     -> data/knob_table.json
-    python -m knoblib expert-ablation    # why top_k is cheap      -> data/expert_ablation.json
-    python -m knoblib train --mode B     # GRPO controller         -> data/controller_B
+    python -m knoblib knob-table         # README's knob table     -> runs/knob_table.json
+    python -m knoblib expert-ablation    # why top_k is cheap      -> runs/expert_ablation.json
+    python -m knoblib train --mode B     # GRPO controller         -> runs/B (--export DIR: the best controller)
         (shipped: --warm-start-steps 300 --warm-start-entropy 0.5 --warm-start-teacher family-table --kl-coef 0.05)
-    python -m knoblib train --mode A-resumable                     -> data/controller_A
-    python -m knoblib evaluate           # budget sweep            -> data/eval
+    python -m knoblib train --mode A-resumable                     -> runs/A-resumable
+    python -m knoblib evaluate           # budget sweep            -> runs/eval
+
+Writing into ``data/`` or over an existing output needs an explicit path and
+``--overwrite``; the check runs before any long work starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 from .data import data_path
+from .outputs import check_output, runs_path
+
+
+# --- numeric options: checked where they enter, so a bad value never reaches the work ---
+def int_at_least(low: int):
+    """argparse ``type=``: an integer >= ``low`` (``--n -998`` would otherwise slice from the end)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be an integer >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is invalid: must be an integer >= {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def finite_float(low: float, high: float | None = None, low_open: bool = False):
+    """argparse ``type=``: a finite number >= ``low`` (> ``low`` with ``low_open``), <= ``high`` if given."""
+    allowed = f"{'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a finite number {allowed}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is invalid: must be a finite number {allowed}")
+        return value
+
+    parse.__name__ = f"number {allowed}"
+    return parse
+
+
+POSITIVE_INT = int_at_least(1)
+NON_NEGATIVE_INT = int_at_least(0)
+POSITIVE_FLOAT = finite_float(0.0, low_open=True)
+NON_NEGATIVE_FLOAT = finite_float(0.0)
+FRACTION = finite_float(0.0, 1.0)
+OVERWRITE_HELP = "replace an existing output, or write into the shipped data/ folder"
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(data_path("model")), help="KnobVLM folder (default: data/model)")
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _add_n(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n", type=POSITIVE_INT, default=1000, help="samples from the start of the split (>= 1)")
+
+
 def cmd_data(args) -> None:
     from .data import main as data_main
 
-    data_main(["--out", str(data_path("vqa")), "--tokenizer-out", str(data_path("tokenizer"))])
+    data_main(["--out", args.out, "--tokenizer-out", args.tokenizer_out] + (["--overwrite"] if args.overwrite else []))
 
 
 def cmd_pretrain(args) -> None:
     from .pretrain import PretrainConfig, pretrain
+
+    check_output(args.out, args.overwrite, "--out", kind="dir")
 
     cfg = PretrainConfig(
         steps=args.steps,
@@ -51,6 +110,7 @@ def cmd_pretrain(args) -> None:
     )
     from .pretrain import save_atomically
 
+    # The run saves a checkpoint into --out at every evaluation, so it is checked above.
     vlm, history = pretrain(cfg, data_path(), checkpoint_dir=Path(args.out), device=args.device)
     save_atomically(vlm, Path(args.out))
     (Path(args.out) / "pretrain_log.json").write_text(json.dumps(history))
@@ -58,17 +118,29 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_rank_blocks(args) -> None:
+    import shutil
+
     from .data import load_split, split_path
     from .importance import block_importance
+    from .outputs import replace_dir, staging_dir
     from .vlm import KnobVLM
 
+    target = check_output(args.out, args.overwrite, "--out", kind="dir")
     vlm = KnobVLM.from_pretrained(args.model)
     samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
     result = block_importance(vlm, samples)
     vlm.set_block_importance(result["importance"])
-    vlm.save_pretrained(args.model)
-    out = Path(args.model) / "block_importance.json"
-    out.write_text(json.dumps({"split": args.split, "n": len(samples), **result}, indent=1))
+    # A copy of the model folder (its other files, e.g. pretrain_log.json, included) with the
+    # ranking, built next to --out and swapped in whole, so --out == --model is safe too.
+    staged = staging_dir(target)
+    try:
+        shutil.copytree(args.model, staged, dirs_exist_ok=True)
+        vlm.save_pretrained(staged)
+        (staged / "block_importance.json").write_text(json.dumps({"split": args.split, "n": len(samples), **result}, indent=1))
+        replace_dir(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    out = target / "block_importance.json"
     print(f"full accuracy {result['full_accuracy']:.3f}")
     for b, s in enumerate(result["importance"]):
         print(f"block {b}: accuracy drop {100 * s:+.1f} points")
@@ -78,6 +150,7 @@ def cmd_rank_blocks(args) -> None:
 def cmd_profile_latency(args) -> None:
     from .latency import profile_command
 
+    check_output(args.out, args.overwrite, "--out")
     profile_command(args.model, args.out, args.answer_tokens, args.repeats, args.warmup, args.num_samples)
 
 
@@ -86,9 +159,12 @@ def cmd_config_accuracy(args) -> None:
     from .evaluate import config_accuracy, save_config_accuracy
     from .vlm import KnobVLM
 
+    args.out = args.out or str(runs_path(f"config_accuracy_{args.split}.json"))
+    check_output(args.out, args.overwrite, "--out")
     vlm = KnobVLM.from_pretrained(args.model)
     samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
     result = config_accuracy(vlm, samples, list(vlm.knob_space))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_config_accuracy(result, args.out, args.split)
     best = max(result, key=lambda k: result[k]["all"])
     print(f"{len(result)} configurations on {len(samples)} {args.split} samples; best {best.short()} "
@@ -101,6 +177,7 @@ def cmd_knob_table(args) -> None:
     from .latency import profile_latency
     from .vlm import KnobVLM
 
+    check_output(args.out, args.overwrite, "--out")
     vlm = KnobVLM.from_pretrained(args.model)
     samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
     named = knob_table_configs(vlm.knob_space)
@@ -118,6 +195,7 @@ def cmd_knob_table(args) -> None:
     for r in rows:
         fam = " | ".join(f"{100 * r[f]:.1f}" for f in FAMILIES)
         print(f"| {r['name']} | {r['knobs']} | {100 * r['all']:.1f} | {fam} | {r['latency_ms']:.1f} | {r['latency_vs_full']:.2f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"split": args.split, "n": len(samples), "machine": lat.machine, "rows": rows}, indent=1))
     print(f"saved to {args.out}")
 
@@ -127,6 +205,7 @@ def cmd_expert_ablation(args) -> None:
     from .experts import expert_ablation, router_mass
     from .vlm import KnobVLM
 
+    check_output(args.out, args.overwrite, "--out")
     vlm = KnobVLM.from_pretrained(args.model)
     samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
     mass = router_mass(vlm, samples)
@@ -140,6 +219,7 @@ def cmd_expert_ablation(args) -> None:
         acc = row["accuracy"]
         print(f"| {row['name']} | {100 * acc['all']:.1f} | " + " | ".join(f"{100 * acc[f]:.1f}" for f in FAMILIES) + " |")
     out = {"split": args.split, "n": len(samples), "router_mass": mass, **ablation}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"saved to {args.out}")
 
@@ -198,16 +278,21 @@ def cmd_tutorial(args) -> None:
     run_tutorial(smoke=args.smoke)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``knoblib`` parser with every command and its options (defaults included)."""
     parser = argparse.ArgumentParser(prog="knoblib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("data", help="generate the synthetic VQA splits and the tokenizer").set_defaults(fn=cmd_data)
+    p = sub.add_parser("data", help="generate the synthetic VQA splits and the tokenizer")
+    p.add_argument("--out", default=str(runs_path("vqa")), help="folder for <split>.jsonl.gz (default: runs/vqa)")
+    p.add_argument("--tokenizer-out", default=str(runs_path("tokenizer")), help="tokenizer folder (default: runs/tokenizer)")
+    _add_overwrite(p)
+    p.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("oracle-gap", help="what a family-aware policy could win over the lookup table (val)")
     p.add_argument("--table", default=str(data_path("latency_table.json")))
     p.add_argument("--accuracy", default=str(data_path("config_accuracy_val.json")))
-    p.add_argument("--budgets", type=int, default=8)
+    p.add_argument("--budgets", type=int_at_least(2), default=8, help="budgets in the sweep (>= 2)")
     p.add_argument(
         "--score",
         default=None,
@@ -216,101 +301,144 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_oracle_gap)
 
     p = sub.add_parser("pretrain", help="train the tiny MoE VLM with random knobs")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=POSITIVE_INT, default=5000)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3)
     p.add_argument(
         "--stage2-full-fraction",
-        type=float,
+        type=FRACTION,
         default=0.95,
         help="share of randomly configured steps that keep every block and the default top-k",
     )
     p.add_argument("--device", default="cpu", help="where to train (cpu, cuda, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--out", default=str(data_path("model")))
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=500, help="steps between evaluations (0: only at the end)")
+    p.add_argument("--out", default=str(runs_path("model")), help="where the VLM is saved (default: runs/model)")
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("rank-blocks", help="block importance: accuracy drop per removed block")
     _add_model(p)
     p.add_argument("--split", default="val")
-    p.add_argument("--n", type=int, default=1000)
+    _add_n(p)
+    p.add_argument(
+        "--out",
+        default=str(runs_path("model_ranked")),
+        help="where the model is saved with its ranking: a copy of --model (default: runs/model_ranked); "
+        "--out equal to --model ranks it in place and needs --overwrite",
+    )
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_rank_blocks)
 
     p = sub.add_parser("profile-latency", help="measure every configuration on this machine")
     _add_model(p)
-    p.add_argument("--out", default=str(data_path("latency_table.json")))
-    p.add_argument("--answer-tokens", type=int, default=2, help="tokens decoded per measurement (one word + eos)")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--out", default=str(runs_path("latency_table.json")), help="default: runs/latency_table.json")
+    p.add_argument(
+        "--answer-tokens", type=POSITIVE_INT, default=2, help="tokens decoded per measurement (one word + eos)"
+    )
+    p.add_argument("--repeats", type=POSITIVE_INT, default=15)
+    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=2)
+    p.add_argument("--num-samples", type=POSITIVE_INT, default=8)
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_profile_latency)
 
     p = sub.add_parser("config-accuracy", help="accuracy of every configuration (for the lookup table)")
     _add_model(p)
     p.add_argument("--split", default="val")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--out", default=str(data_path("config_accuracy_val.json")))
+    _add_n(p)
+    p.add_argument("--out", default=None, help="default: runs/config_accuracy_<split>.json")
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_config_accuracy)
 
     p = sub.add_parser("knob-table", help="accuracy per family and latency, each knob moved alone")
     _add_model(p)
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--answer-tokens", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--out", default=str(data_path("knob_table.json")))
+    _add_n(p)
+    p.add_argument("--answer-tokens", type=POSITIVE_INT, default=3)
+    p.add_argument("--repeats", type=POSITIVE_INT, default=7)
+    p.add_argument("--out", default=str(runs_path("knob_table.json")), help="default: runs/knob_table.json")
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_knob_table)
 
     p = sub.add_parser("expert-ablation", help="router mass and accuracy with fewer experts: why top_k is cheap")
     _add_model(p)
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--out", default=str(data_path("expert_ablation.json")))
+    _add_n(p)
+    p.add_argument("--out", default=str(runs_path("expert_ablation.json")), help="default: runs/expert_ablation.json")
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_expert_ablation)
 
     p = sub.add_parser("train", help="joint GRPO training of the controller")
     _add_model(p)
     p.add_argument("--mode", default="B", choices=["A-naive", "A-resumable", "B"])
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="GRPO steps in all (default: GRPOConfig's)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<mode>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=None, help="controller learning rate (default: GRPOConfig's)")
-    p.add_argument("--entropy-coef", type=float, default=None, help="entropy bonus (default: GRPOConfig's)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>/last with its saved settings: --steps may differ, other changed values need "
+        "--override, the warm-start settings cannot change",
+    )
+    p.add_argument(
+        "--override",
+        action="store_true",
+        help="with --resume: run (and record) the settings given here where they differ from the checkpoint's",
+    )
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=None, help="seeds batches, budgets and knob draws (default 0)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="controller learning rate (default: GRPOConfig's)")
+    p.add_argument("--entropy-coef", type=NON_NEGATIVE_FLOAT, default=None, help="entropy bonus (default: GRPOConfig's)")
     p.add_argument("--scale-rewards", default=None, choices=["group", "batch", "none"], help="advantage scaling")
-    p.add_argument("--kl-coef", type=float, default=None, help="KL weight to the reference controller (default: GRPOConfig's)")
+    p.add_argument(
+        "--kl-coef", type=NON_NEGATIVE_FLOAT, default=None, help="KL weight to the reference controller (default: GRPOConfig's)"
+    )
     p.add_argument(
         "--warm-start-steps",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=None,
         help="Mode B: behaviour-cloning steps (on --warm-start-teacher, from data/config_accuracy_val.json) before GRPO",
     )
-    p.add_argument("--warm-start-entropy", type=float, default=None, help="entropy bonus during the warm start")
+    p.add_argument("--warm-start-entropy", type=NON_NEGATIVE_FLOAT, default=None, help="entropy bonus during the warm start")
     p.add_argument(
         "--warm-start-teacher",
         default=None,
         choices=["table", "family-table"],  # knoblib.grpo.WARM_START_TEACHERS
         help="whom the warm start clones: the lookup table, or the per-family table (default: table)",
     )
-    p.add_argument("--export", default=None, help="copy the best controller here when done")
+    p.add_argument(
+        "--export",
+        default=None,
+        help="copy the best controller here when done: a new folder, or an earlier export (with --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start --out again if it holds a run (its metrics.jsonl, best/ and last/ are replaced), replace an "
+        "earlier export at --export, or write into the shipped data/ folder",
+    )
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="budget sweep on the test split against the baselines")
     _add_model(p)
     p.add_argument("--controllers", nargs="*", default=[str(data_path("controller_A")), str(data_path("controller_B"))])
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=None, help="requests (default: 1000; 200 with --measured)")
-    p.add_argument("--budgets", type=int, default=8)
+    p.add_argument(
+        "--n", type=POSITIVE_INT, default=None, help="requests (>= 1; default: 1000, or 200 with --measured)"
+    )
+    p.add_argument("--budgets", type=int_at_least(2), default=8, help="budgets in the sweep (>= 2)")
     p.add_argument(
         "--measured",
         action="store_true",
         help="serve a seeded subset one request at a time and time each by the wall clock (writes measured.json)",
     )
-    p.add_argument("--seed", type=int, default=0, help="which requests --measured serves, and in what order")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="which requests --measured serves, and in what order")
     p.add_argument("--table", default="local", help="latency table: local (this machine, calibrated), shipped, or a path")
-    p.add_argument("--quantile", type=float, default=0.95, help="latency quantile the budget guard holds configurations to")
-    p.add_argument("--out", default=str(data_path("eval")))
+    p.add_argument(
+        "--quantile", type=FRACTION, default=0.95, help="latency quantile the budget guard holds configurations to"
+    )
+    p.add_argument(
+        "--out", default=str(runs_path("eval")), help="folder for sweep.json / measured.json (default: runs/eval)"
+    )
+    _add_overwrite(p)
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("answer", help="answer one question about one image under a latency budget (one JSON line)")
@@ -325,8 +453,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("tutorial", help="execute every notebook (full mode) and print where the results are")
     p.add_argument("--smoke", action="store_true")
     p.set_defaults(fn=cmd_tutorial)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     import torch
 
     # One intra-op thread unless OMP_NUM_THREADS says otherwise: as fast as two for this

@@ -616,7 +616,34 @@ class TwoStageController(PreTrainedModel):
                 f"no controller at {path}: {'config.json is missing' if path.is_dir() else 'no such folder'} "
                 "(write one with TwoStageController.save_pretrained)"
             )
+        cls._check_weights_match_config(path)
         return super().from_pretrained(str(path), *args, **kwargs)
+
+    @classmethod
+    def _check_weights_match_config(cls, path: Path) -> None:
+        """``ValueError`` naming the folder and each tensor where config.json and model.safetensors disagree.
+
+        transformers would print a load report and raise a ``RuntimeError`` without the
+        folder's name, or silently re-initialise what is missing.
+        """
+        from .vlm import safetensors_shapes
+
+        saved = safetensors_shapes(path / "model.safetensors")
+        try:
+            config = ControllerConfig.from_pretrained(str(path))
+        except (OSError, TypeError, ValueError) as err:
+            raise ValueError(f"{path / 'config.json'} is not a valid controller config: {err}") from err
+        expected = {name: tuple(t.shape) for name, t in cls(config).state_dict().items()}
+        problems = [f"{name}: config.json gives {expected[name]}, model.safetensors holds {saved[name]}"
+                    for name in sorted(set(saved) & set(expected)) if saved[name] != expected[name]]
+        problems += [f"{name}: missing from model.safetensors" for name in sorted(set(expected) - set(saved))]
+        problems += [f"{name}: in model.safetensors but not in a model of config.json" for name in sorted(set(saved) - set(expected))]
+        if problems:
+            fields = "lang_dim, latency_dim, hidden_dim, budget_dim, num_frequencies, knob_space"
+            raise ValueError(
+                f"controller at {path}: config.json and model.safetensors disagree ({len(problems)} tensors; "
+                f"check {fields}): " + "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+            )
 
     @classmethod
     def load(

@@ -23,7 +23,9 @@ tiny. Only torch and the standard library are used; all randomness comes from
 
 Regenerate the shipped files with::
 
-    python -m knoblib.data --out data/vqa --tokenizer-out data/tokenizer
+    python -m knoblib.data --out data/vqa --tokenizer-out data/tokenizer --overwrite
+
+(without arguments it writes to ``runs/vqa`` and ``runs/tokenizer``).
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ DEFAULT_SPLITS: dict[str, tuple[int, int]] = {
 SPLIT_SUFFIX = ".jsonl.gz"
 FILE_FORMAT = "knoblib-vqa"
 FILE_VERSION = 1
-REGENERATE_HINT = "python -m knoblib.data --out data/vqa --tokenizer-out data/tokenizer"
+REGENERATE_HINT = "python -m knoblib.data --out data/vqa --tokenizer-out data/tokenizer --overwrite"
 
 # The auxiliary captioning question of pretraining (``VQASample.description`` answers it).
 DESCRIBE_QUESTION = "describe the picture ?"
@@ -567,13 +569,20 @@ def build_tokenizer():
     Ids: ``<pad>``=0, ``<unk>``=1, ``<bos>``=2, ``<eos>``=3, ``<image>``=4, then
     the sorted words. Pads on the left (for batched generation). No BOS/EOS is
     added automatically; callers build prompts explicitly.
+
+    Text is normalised (NFKC, lower case) and split at whitespace and around each
+    punctuation mark, so "What color is the shape?" gives the same ids as the
+    generated "what color is the shape ?". The generated questions are lower case
+    with spaced punctuation already, so their ids are the same as with a plain
+    whitespace split.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(list(SPECIAL_TOKENS) + vocabulary_words())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,
@@ -601,10 +610,17 @@ def load_tokenizer(path: str | Path | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .outputs import check_output, runs_path
+
     parser = argparse.ArgumentParser(description="Generate the knoblib synthetic VQA splits and tokenizer.")
-    parser.add_argument("--out", default=str(data_path("vqa")), help="directory for <split>.jsonl.gz files")
-    parser.add_argument("--tokenizer-out", default=str(data_path("tokenizer")), help="directory for the tokenizer")
+    parser.add_argument("--out", default=str(runs_path("vqa")), help="directory for <split>.jsonl.gz files (default: runs/vqa)")
+    parser.add_argument(
+        "--tokenizer-out", default=str(runs_path("tokenizer")), help="directory for the tokenizer (default: runs/tokenizer)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files, or write into the shipped data/ folder")
     args = parser.parse_args(argv)
+    check_output(args.out, args.overwrite, "--out", kind="dir")
+    check_output(args.tokenizer_out, args.overwrite, "--tokenizer-out", kind="dir")
     for split, path in write_default_splits(args.out).items():
         n, seed = DEFAULT_SPLITS[split]
         print(f"{split}: n={n} seed={seed} -> {path} ({path.stat().st_size / 1024:.1f} KiB)")

@@ -55,7 +55,10 @@ class LanguageFeatureExtractor:
     def __call__(self, questions: Sequence[str]) -> torch.Tensor:
         """Return ``lang_feat`` (N, d_model), float32, detached, for N question strings."""
         if isinstance(questions, str):
-            raise ValueError("questions must be a list of strings, got a single string")
+            # A str is a sequence too: it would become one question per character.
+            raise TypeError(
+                f"questions must be a list of question strings, got a single str {questions[:40]!r}: wrap it as [question]"
+            )
         if len(questions) == 0:
             raise ValueError("questions is empty: give at least one question")
         for i, question in enumerate(questions):

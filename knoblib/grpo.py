@@ -52,6 +52,11 @@ MODES = ("A-naive", "A-resumable", "B")
 SCALE_REWARDS = ("group", "batch", "none")
 WARM_START_TEACHERS = ("table", "family-table")
 CHECKPOINT_FORMAT = "knoblib-grpo-checkpoint"
+# On resume, ``steps`` may change freely (it only says where training stops); the warm
+# start acts only when a run starts, so changing its settings on resume would record
+# something that never ran.
+RESUME_FREE_FIELDS = ("steps",)
+START_ONLY_FIELDS = ("warm_start_steps", "warm_start_entropy", "warm_start_teacher")
 
 
 @dataclass
@@ -689,22 +694,24 @@ class JointGRPOTrainer:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Resume exactly: controller weights, optimizer, RNGs, data order, history."""
+    def load_checkpoint(self, path: str | Path, override: bool = False) -> None:
+        """Resume exactly: controller weights, optimizer, RNGs, data order, history.
+
+        The checkpoint's config must equal this trainer's, except ``steps`` (a run may be
+        continued for longer or shorter). Otherwise a ``ValueError`` lists each changed
+        setting with its saved and requested value. With ``override=True`` this trainer's
+        settings run from here on, and they are what later checkpoints record: a new
+        ``lr`` is written into the restored optimizer, a new ``seed`` reseeds the batch,
+        budget and knob generators at the resume point, and a KL term switched on here
+        takes the resumed controller as its reference. The warm-start settings cannot
+        change (the warm start only runs when a run starts).
+        """
         path = Path(path)
-        state_file = path / "trainer_state.pt"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"no GRPO checkpoint at {path}: trainer_state.pt is missing")
-        try:
-            # CPU first: the loads below copy into the controller / optimizer on their device.
-            state = torch.load(state_file, map_location="cpu", weights_only=False)
-        except Exception as err:  # a truncated or foreign file
-            raise ValueError(f"{state_file} is corrupt: {err}") from err
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{state_file} is not a knoblib GRPO checkpoint")
+        state = read_checkpoint_state(path)
         saved_mode = state["config"].get("mode")
         if saved_mode != self.cfg.mode:
             raise ValueError(f"checkpoint at {path} was trained in mode {saved_mode!r}, this trainer is {self.cfg.mode!r}")
+        check_resume_config(state["config"], self.cfg, override, path)
         loaded = TwoStageController.load(path, expected_space=self.space, expected_mode=self.controller.config.mode)
         self.controller.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
@@ -715,8 +722,90 @@ class JointGRPOTrainer:
         self.step_count = int(state["step"])
         self.history = list(state["history"])
         self.best_val_reward = float(state["best_val_reward"])
-        if self.reference is not None and state["reference"] is not None:
-            self.reference.load_state_dict(state["reference"])
+        if self.reference is not None:
+            saved_reference = state["reference"]
+            self.reference.load_state_dict(saved_reference if saved_reference is not None else self.controller.state_dict())
+        # The restored optimizer carries the saved learning rate: the one that runs is this config's.
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr
+        if state["config"].get("seed") != self.cfg.seed:
+            self.generator.manual_seed(self.cfg.seed)
+            self.budgets.generator.manual_seed(self.cfg.seed)
+            self.data_rng.seed(self.cfg.seed)
+
+
+def read_checkpoint_state(path: str | Path) -> dict:
+    """The trainer state saved in checkpoint folder ``path`` (errors name the file and the problem)."""
+    path = Path(path)
+    state_file = path / "trainer_state.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"no GRPO checkpoint at {path}: trainer_state.pt is missing")
+    try:
+        # CPU first: the loads copy into the controller / optimizer on their device.
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{state_file} is corrupt (truncated or not a checkpoint): {err}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{state_file} is not a knoblib GRPO checkpoint")
+    if not isinstance(state.get("config"), dict):
+        raise ValueError(f"{state_file} is corrupt: it holds no training config")
+    return state
+
+
+def check_resume_config(saved: dict, requested: GRPOConfig, override: bool, path: str | Path) -> None:
+    """Refuse to resume the checkpoint at ``path`` (config ``saved``) with other settings unless ``override``.
+
+    The ``ValueError`` lists each changed setting as ``name: saved X, requested Y``.
+    ``steps`` may always change; the warm-start settings never (see ``load_checkpoint``).
+    """
+    changes = config_changes(saved, requested)
+    fixed = [c for c in changes if c[0] in START_ONLY_FIELDS]
+    if fixed:
+        raise ValueError(
+            f"checkpoint at {path}: the warm start only runs when a run starts, so its settings cannot change on "
+            "resume: " + _format_changes(fixed)
+        )
+    if changes and not override:
+        raise ValueError(
+            f"checkpoint at {path} was trained with other settings: {_format_changes(changes)}. Resume with the "
+            "saved settings, or pass override=True (--override) to run and record the new ones"
+        )
+
+
+def checkpoint_config(path: str | Path) -> GRPOConfig:
+    """The ``GRPOConfig`` a checkpoint folder was trained with."""
+    state = read_checkpoint_state(path)
+    try:
+        return GRPOConfig(**state["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{Path(path) / 'trainer_state.pt'} holds an invalid training config: {err}") from err
+
+
+def config_changes(saved: dict, requested: GRPOConfig) -> list[tuple[str, object, object]]:
+    """(name, saved value, requested value) for each setting that differs, ``steps`` excepted."""
+    saved_flat = _flatten(saved)
+    requested_flat = _flatten(_jsonable(asdict(requested)))
+    names = sorted(set(saved_flat) | set(requested_flat))
+    return [
+        (name, saved_flat.get(name), requested_flat.get(name))
+        for name in names
+        if name not in RESUME_FREE_FIELDS and saved_flat.get(name) != requested_flat.get(name)
+    ]
+
+
+def _format_changes(changes: list[tuple[str, object, object]]) -> str:
+    return "; ".join(f"{name}: saved {old!r}, requested {new!r}" for name, old, new in changes)
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """``{"reward": {"saving_bonus": x}}`` -> ``{"reward.saving_bonus": x}``."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _jsonable(value):

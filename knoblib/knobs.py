@@ -24,6 +24,7 @@ that scales with the model, that table says:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from itertools import product
 from typing import Iterator
@@ -34,6 +35,14 @@ TIERS: tuple[str, ...] = ("low", "medium", "high")
 @dataclass(frozen=True, order=True)
 class KnobConfig:
     """One setting of the four knobs.
+
+    Types are checked on construction, one rule for every field: ``tier`` is a ``str``;
+    ``insertion_position``, ``top_k`` and ``num_active_blocks`` are integers (``int`` or
+    another ``numbers.Integral`` such as ``numpy.int64``, stored as ``int``). A float
+    is refused even when it holds a whole number (``top_k=4.0``), and so is a bool:
+    both would compare equal to a valid option and then fail inside transformers.
+    Refusals are ``ValueError`` naming the field and the value. Whether the values are
+    allowed for a model is ``KnobSpace.validate``'s check.
 
     Attributes:
         tier: vision-token tier, one of ``TIERS``.
@@ -47,6 +56,16 @@ class KnobConfig:
     insertion_position: int
     top_k: int
     num_active_blocks: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tier, str):
+            raise ValueError(f"tier={self.tier!r} is invalid: must be a str, one of {list(TIERS)}")
+        for name in ("insertion_position", "top_k", "num_active_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} is invalid: must be an int (got {type(value).__name__})")
+            # Frozen: numpy / other integral types are stored as plain ints (hashing, JSON).
+            object.__setattr__(self, name, int(value))
 
     def as_dict(self) -> dict:
         return asdict(self)

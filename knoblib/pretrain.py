@@ -8,8 +8,8 @@ so that turning them down still costs something: a knob that costs nothing leave
 controller nothing to decide. This is LayerDrop / random-top-k training with the same
 executor that serves the model, so training and serving apply the knobs identically.
 
-Run it with ``python -m knoblib pretrain`` (writes ``data/model``), then compute the
-block ranking with ``python -m knoblib rank-blocks``.
+Run it with ``python -m knoblib pretrain`` (writes ``runs/model``; ``make artifacts``
+replaces ``data/model``), then compute the block ranking with ``python -m knoblib rank-blocks``.
 """
 
 from __future__ import annotations

@@ -72,6 +72,15 @@ def _check_inputs(
     bad = ~torch.isfinite(latency) | (latency < 0)
     if bool(bad.any()):
         raise ValueError(f"latency_ms must be finite and >= 0, got {latency[bad].tolist()[:5]}")
+    # A budget as small as 1e-45 ms passes the checks above, but L / B overflows to inf
+    # and the reward becomes NaN: refuse such pairs here, by name.
+    bad = ~torch.isfinite(latency / budget)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()[:5]
+        raise ValueError(
+            f"latency_ms / budget_ms is not finite at rows {rows} (latency_ms {latency[rows].tolist()}, "
+            f"budget_ms {budget[rows].tolist()}): budgets must be large enough that the ratio stays finite"
+        )
     return correct, latency, budget
 
 
@@ -105,6 +114,13 @@ def compute_reward(
         "saving": cfg.saving_bonus * (1 - ratio) * (1 - violated),
     }
     reward = parts["accuracy"] + parts["violation"] + parts["overshoot"] + parts["saving"]
+    if not bool(torch.isfinite(reward).all()):
+        # Weights and inputs are checked above; a huge finite ratio times a weight can still overflow.
+        rows = (~torch.isfinite(reward)).nonzero().flatten().tolist()[:5]
+        raise ValueError(
+            f"the reward is not finite at rows {rows} (latency_ms {latency[rows].tolist()}, budget_ms "
+            f"{budget[rows].tolist()}): the latency is too many times the budget"
+        )
     return reward, parts
 
 

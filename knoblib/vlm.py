@@ -173,6 +173,60 @@ def make_crops(image: torch.Tensor, tier: str) -> torch.Tensor:
     return (torch.cat(crops) - 0.5) / 0.5
 
 
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape in a ``.safetensors`` file; ``ValueError`` naming it if truncated or corrupt.
+
+    Reads the header only (``safetensors.safe_open`` checks it covers the whole file, so
+    a truncated download or a partial write is caught here, not deep inside a loader).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is truncated or corrupt (not a complete safetensors file): {err}") from err
+
+
+def _check_questions(questions, name: str = "questions") -> None:
+    """A batch of questions is a list (or tuple) of strings: a lone ``str`` would become one question per character."""
+    if isinstance(questions, str):
+        raise TypeError(
+            f"{name} must be a list of question strings, got a single str {questions[:40]!r}: wrap it as [question]"
+        )
+
+
+def _check_images(images) -> None:
+    """A batch of images is a sequence of (3, 48, 48) tensors (or one (B, 3, 48, 48) tensor), never one image."""
+    if isinstance(images, torch.Tensor) and images.dim() != 4:
+        raise TypeError(
+            f"images must be a list of (3, {IMAGE_SIZE}, {IMAGE_SIZE}) uint8 tensors or one (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) "
+            f"tensor, got a tensor of shape {tuple(images.shape)}: wrap a single image as [image]"
+        )
+
+
+def _check_token_count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is invalid: must be an int >= {low}")
+
+
+def as_row_knobs(knobs, batch: int) -> list[KnobConfig]:
+    """One ``KnobConfig`` per row from ``knobs``: a ``KnobConfig`` (every row) or a list/tuple of them (one per row)."""
+    if isinstance(knobs, KnobConfig):
+        return [knobs] * batch
+    if not isinstance(knobs, (list, tuple)) or not all(isinstance(k, KnobConfig) for k in knobs):
+        got = type(knobs).__name__
+        if isinstance(knobs, (list, tuple)):
+            got = f"a {got} holding {sorted({type(k).__name__ for k in knobs if not isinstance(k, KnobConfig)})}"
+        raise TypeError(f"knobs must be a KnobConfig or a list of KnobConfig (one per row), got {got}")
+    if len(knobs) != batch:
+        raise ValueError(f"got {len(knobs)} knob configurations for a batch of {batch}")
+    return list(knobs)
+
+
 def check_image(image: torch.Tensor) -> None:
     """Raise ``ValueError`` unless ``image`` is a uint8 tensor of shape (3, 48, 48)."""
     if not isinstance(image, torch.Tensor):
@@ -320,6 +374,12 @@ class KnobVLM(torch.nn.Module):
             vlm_config = VLMConfig(**meta["vlm_config"])
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{meta_file} is corrupt: {err}") from err
+        # Named here: transformers would report a missing tokenizer.json as a missing
+        # sentencepiece / tiktoken install, and a truncated weights file without its path.
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"KnobVLM at {path} is incomplete: {path / name} is missing")
+        safetensors_shapes(path / "model.safetensors")
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
         if model.config.text_config.vocab_size != len(tokenizer):
@@ -328,6 +388,23 @@ class KnobVLM(torch.nn.Module):
                 f"{model.config.text_config.vocab_size} but the tokenizer has {len(tokenizer)} tokens"
             )
         return cls(model.eval(), tokenizer, vlm_config, meta.get("block_importance"))
+
+    def unknown_words(self, question: str) -> list[str]:
+        """The words of ``question`` the tokenizer maps to ``<unk>``, as written (in order, repeats kept).
+
+        The vocabulary is the data set's ~50 words; a question with unknown words still
+        gets an answer, so callers (a serving API) can pass these on as a warning.
+        """
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a str, got {type(question).__name__}")
+        encoding = self.tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
+        unk = self.tokenizer.unk_token_id
+        return [question[a:b] for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if i == unk]
+
+    @property
+    def max_positions(self) -> int:
+        """The most positions (image + text tokens, decoded tokens included) the language model takes."""
+        return self.model.config.text_config.max_position_embeddings
 
     def set_block_importance(self, importance: Sequence[float]) -> None:
         importance = [float(x) for x in importance]
@@ -395,13 +472,23 @@ class KnobVLM(torch.nn.Module):
         questions: Sequence[str],
         tiers: Sequence[str],
         answers: Sequence[str] | None = None,
+        *,
+        reserved_positions: int = 0,
     ) -> dict:
         """Tokenise prompts (``<bos> <image>*n question``) and cut crops, left-padded.
 
         Returns a dict with ``input_ids`` (B, T), ``attention_mask`` (B, T),
         ``pixel_values`` (sum of crops, 3, 16, 16) and, with ``answers``,
         ``labels`` (B, T) holding the answer and ``<eos>`` ids and -100 elsewhere.
+
+        Raises ``ValueError`` when a row's tokens plus ``reserved_positions`` (the probe
+        and the tokens still to decode) exceed ``max_positions``: the model was never
+        trained on longer sequences, so its answer would mean nothing.
         """
+        _check_images(images)
+        _check_questions(questions)
+        if answers is not None:
+            _check_questions(answers, "answers")
         if not (len(images) == len(questions) == len(tiers)):
             raise ValueError(
                 f"batch sizes differ: {len(images)} images, {len(questions)} questions, {len(tiers)} tiers"
@@ -423,6 +510,12 @@ class KnobVLM(torch.nn.Module):
             if answers is not None:
                 target = tok(answers[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 prompt, labels = prompt + target, labels + target
+            if len(prompt) + reserved_positions > self.max_positions:
+                raise ValueError(
+                    f"question {i} is too long: {len(prompt)} tokens ({tier_num_crops(tier) * self.tokens_per_crop} of "
+                    f"them image tokens at tier {tier!r})" + (f" + {reserved_positions} reserved" if reserved_positions else "")
+                    + f" exceed the model's limit of {self.max_positions} positions (max_position_embeddings)"
+                )
             rows.append(prompt)
             label_rows.append(labels)
         width = max(map(len, rows))
@@ -626,8 +719,10 @@ class KnobVLM(torch.nn.Module):
             skip_blocks: analysis only (the block ranking): skip exactly these blocks in
                 every row, overriding ``num_active_blocks``.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+        _check_token_count("max_new_tokens", max_new_tokens, 1)
+        _check_token_count("min_new_tokens", min_new_tokens, 0)
+        _check_images(images)
+        _check_questions(questions)
         batch = len(images)
         if stage1 is not None and decide is None:
             raise ValueError("`stage1` is only used by resumable Mode A: pass `decide` with it, or `knobs` alone")
@@ -646,11 +741,7 @@ class KnobVLM(torch.nn.Module):
             plan = self.plan(row_knobs)
             decided = torch.zeros(batch, dtype=torch.bool, device=self.device)
         else:
-            knobs = self.knob_space.full() if knobs is None else knobs
-            row_knobs = [knobs] * batch if isinstance(knobs, KnobConfig) else list(knobs)
-            if len(row_knobs) != batch:
-                raise ValueError(f"got {len(row_knobs)} knob configurations for a batch of {batch}")
-            plan = self.plan(row_knobs)
+            plan = self.plan(as_row_knobs(self.knob_space.full() if knobs is None else knobs, batch))
             decided = torch.ones(batch, dtype=torch.bool, device=self.device)
             if skip_blocks is not None:
                 bad = [b for b in skip_blocks if not (isinstance(b, int) and 0 <= b < self.num_layers)]
@@ -658,7 +749,9 @@ class KnobVLM(torch.nn.Module):
                     raise ValueError(f"skip_blocks={list(skip_blocks)} is invalid: blocks are 0..{self.num_layers - 1}")
                 plan.run_block[:, list(skip_blocks)] = False
 
-        inputs = self.build_inputs(images, questions, plan.tiers)
+        # Every decoded token (and the Mode-A probe) takes a position after the prompt.
+        reserved = max_new_tokens + (1 if probe_embeddings is not None else 0)
+        inputs = self.build_inputs(images, questions, plan.tiers, reserved_positions=reserved)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         embeds = self.embed(input_ids, inputs["pixel_values"])
         probe_index = None
@@ -727,7 +820,7 @@ class KnobVLM(torch.nn.Module):
         """The seed's Mode-A partial forward: vision + blocks [0, p) only; returns latency tokens (B, d)."""
         full = self.knob_space.full()
         plan = self.plan([KnobConfig(t, p, full.top_k, self.knob_space.block_options(p)[-1]) for t, p in stage1])
-        inputs = self.build_inputs(images, questions, plan.tiers)
+        inputs = self.build_inputs(images, questions, plan.tiers, reserved_positions=1)
         if tuple(probe_embeddings.shape) != (len(images), self.hidden_size):
             raise ValueError(
                 f"probe_embeddings has shape {tuple(probe_embeddings.shape)}: expected ({len(images)}, {self.hidden_size})"
@@ -759,10 +852,11 @@ class KnobVLM(torch.nn.Module):
 
         Returns (loss, stats) where stats has ``ce`` and ``aux`` (the MoE load-balancing loss).
         """
-        row_knobs = [knobs] * len(images) if isinstance(knobs, KnobConfig) else list(knobs)
+        _check_images(images)
+        _check_questions(answers, "answers")
         if len(answers) != len(images):
             raise ValueError(f"got {len(answers)} answers for a batch of {len(images)}")
-        plan = self.plan(row_knobs)
+        plan = self.plan(as_row_knobs(knobs, len(images)))
         inputs = self.build_inputs(images, questions, plan.tiers, answers)
         embeds = self.embed(inputs["input_ids"], inputs["pixel_values"])
         mask = inputs["attention_mask"]

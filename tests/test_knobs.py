@@ -62,9 +62,6 @@ def test_knob_config_helpers():
         (KnobConfig("high", 5, 8, 15), "num_active_blocks", "15"),
         (KnobConfig("high", 1, 8, 11), "num_active_blocks", "11"),
         (KnobConfig("high", 1, 8, 17), "num_active_blocks", "17"),
-        (KnobConfig("high", 1.0, 8, 16), "insertion_position", "1.0"),
-        (KnobConfig("high", "1", 8, 16), "insertion_position", "'1'"),
-        (KnobConfig("high", True, 8, 16), "insertion_position", "True"),
     ],
 )
 def test_validate_names_the_field_and_value(config, field, value):
@@ -73,6 +70,18 @@ def test_validate_names_the_field_and_value(config, field, value):
         space.validate(config)
     message = str(err.value)
     assert f"{field}={value}" in message, message
+
+
+@pytest.mark.parametrize(
+    "args, field, value",
+    [(("high", 1.0, 8, 16), "insertion_position", "1.0"), (("high", "1", 8, 16), "insertion_position", "'1'"),
+     (("high", True, 8, 16), "insertion_position", "True")],
+)
+def test_knob_config_refuses_values_of_the_wrong_type(args, field, value):
+    # Types are checked when the configuration is made (KnobConfig's docstring), before any space sees it.
+    with pytest.raises(ValueError) as err:
+        KnobConfig(*args)
+    assert f"{field}={value}" in str(err.value)
 
 
 def test_validate_rejects_non_configs():
