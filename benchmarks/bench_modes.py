@@ -9,7 +9,7 @@ forwards counted per request, and the ratios A-naive / B and A-resumable / B.
 Part 2 is the partial-forward share: the batch-1 time of ``vlm.partial_forward`` (vision +
 blocks [0, p), the seed's Mode-A extra forward) for p = 1..P, as a percentage of one
 batch-1 ``generate`` of the full configuration (T decoded tokens), per tier. The seed
-assumed 50 %; DESIGN.md section 2 measured 1-3 % on realistic GPU shapes.
+assumed 50 %; on realistic GPU shapes (an H200, MolmoE-sized) it measured 1-3 % (docs/background.md).
 
 Usage: ``python benchmarks/bench_modes.py [--repeats 8] [--warmup 1] [--partial-repeats 20] [--json PATH]``
 """
@@ -101,9 +101,9 @@ def bench_partial(vlm, table, args) -> dict:
     from knoblib.latency import BudgetSampler
 
     sampler = BudgetSampler(table)
-    controller = TwoStageController(ControllerConfig.for_vlm(vlm, (sampler.low, sampler.high), mode="A", seed=args.seed))
+    controller = TwoStageController(ControllerConfig.for_vlm(vlm, sampler.relative_range, mode="A", seed=args.seed))
     with torch.no_grad():
-        probe = controller.probe_embeddings(torch.tensor([0.5 * (sampler.low + sampler.high)])).detach()
+        probe = controller.probe_embeddings(torch.tensor([0.5 * sum(sampler.relative_range)])).detach()
 
     variants, labels = {}, {}
     for tier in space.tiers:

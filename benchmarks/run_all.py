@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_group  # noqa: E402
 import bench_knobs  # noqa: E402
 import bench_modes  # noqa: E402
+import bench_overhead  # noqa: E402
 from _common import REPO, THREAD_ENV, verdict  # noqa: E402
 
-BENCHMARKS = (bench_knobs, bench_group, bench_modes)
+BENCHMARKS = (bench_knobs, bench_group, bench_modes, bench_overhead)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[module.NAME] = module.main(shared)
         seconds[module.NAME] = time.perf_counter() - start
 
-    knobs, group, modes = (results[m.NAME] for m in BENCHMARKS)
+    knobs, group, modes, overhead = (results[m.NAME] for m in BENCHMARKS)
     t = knobs["targets"]
     share = modes["partial_forward"]["share_percent"]
     top = list(share)[-1]
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"bench_group: sequential / batched = {s['group_sequential_over_batched']:.2f}x for a group of "
         f"{group['group_size']}, {s['batch_sequential_over_batched']:.2f}x for {group['requests']} x "
-        f"{group['group_size']} rows (DESIGN.md: {group['design_cpu_speedup']}x on this CPU)"
+        f"{group['group_size']} rows"
     )
     fwd = ", ".join(f"{m} {v['forwards_per_request']:g}" for m, v in steps["modes"].items())
     rat = ", ".join(f"{k} {v['step']:.3f}" for k, v in steps["ratios"].items())
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"bench_modes: partial forward = {min(share[top].values()):.1f}-{max(share[top].values()):.1f} % "
         f"of a full batch-1 generate ({top} tier, p=1..{len(share[top])}; the seed assumed 50 %)"
+    )
+    d = overhead["decision"]
+    print(
+        f"bench_overhead: decision / cheapest request = Mode B {100 * d['B']['over_cheapest']:.2f} %, "
+        f"Mode A {100 * d['A']['over_cheapest']:.2f} %, Mode B while serving "
+        f"{100 * overhead['serving']['over_cheapest']:.2f} % (target <= 2 %: {verdict(d['B']['ok'] and overhead['serving']['ok'])})"
     )
     print("run time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     python = sys.executable

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from .data import data_path
+from .guard import DEFAULT_QUANTILE
 from .outputs import check_output, runs_path
 
 
@@ -433,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="which requests --measured serves, and in what order")
     p.add_argument("--table", default="local", help="latency table: local (this machine, calibrated), shipped, or a path")
     p.add_argument(
-        "--quantile", type=FRACTION, default=0.95, help="latency quantile the budget guard holds configurations to"
+        "--quantile", type=FRACTION, default=DEFAULT_QUANTILE, help="latency quantile the budget guard holds configurations to"
     )
     p.add_argument(
         "--out", default=str(runs_path("eval")), help="folder for sweep.json / measured.json (default: runs/eval)"

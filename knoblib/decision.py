@@ -192,13 +192,13 @@ class GreedyDecider:
     ) -> tuple[int, int]:
         """Greedy (top_k index, num_active_blocks index) given Stage 1's choice.
 
-        Mode B reads ``shared`` (from :meth:`features`); Mode A the ``latency_token`` (1, d).
-        Call under ``torch.inference_mode``.
+        Mode B reads ``shared`` (from :meth:`features`, which refreshed the fold); Mode A
+        the ``latency_token`` (1, d). Call under ``torch.inference_mode``.
         """
-        self._fresh()
         if self._mode_b:
             parts = shared[:, self._hidden :]
         else:
+            self._fresh()  # Mode A decides at the pause, apart from features()
             token = F.layer_norm(latency_token.float(), latency_token.shape[-1:])
             parts = self._act(F.linear(token, *self._token))
         hidden = self._act(F.linear(parts, self._fusion, self._fusion_bias[position]))

@@ -107,14 +107,13 @@ def load_config_accuracy(path: str | Path) -> dict[KnobConfig, dict[str, float]]
 #   choose(vlm, samples, images, budgets)  -> (knobs, answers)   batched, for table-based sweeps
 #   serve_one(vlm, image, question, budget_ms, answer_tokens) -> (answer, knobs)   one request
 # and reads latencies at the same ``quantile`` as the budget guard, so a baseline and the
-# controller are served the same way. ``reserve_ms`` is the part of each budget a policy
-# keeps for its own decision (``knoblib.serving`` measures it): what is left must fit the
-# configuration's latency.
+# controller are served the same way (``knoblib.serving.Server`` adds what serving by the
+# wall clock needs on top: the decision's own time, the machine's drift, the full
+# configuration above its latency).
 class StaticPolicy:
     """A policy that picks from the budget (and the request) alone, before the model runs."""
 
     name = "static"
-    reserve_ms = 0.0
 
     def choose_one(self, budget_ms: float, sample=None) -> KnobConfig:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -125,7 +124,7 @@ class StaticPolicy:
         return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
 
     def serve_one(self, vlm, image, question: str, budget_ms: float, answer_tokens: int) -> tuple[str, KnobConfig]:
-        knobs = self.choose_one(budget_ms - self.reserve_ms)
+        knobs = self.choose_one(budget_ms)
         return vlm.generate([image], [question], knobs, answer_tokens).answers[0], knobs
 
 
@@ -240,8 +239,6 @@ class ControllerPolicy:
     trained with it. Budgets reach it relative to ``table``'s full-configuration latency.
     """
 
-    reserve_ms = 0.0
-
     def __init__(
         self, controller, vlm: KnobVLM, name: str | None = None, table: LatencyTable | None = None,
         quantile: float = DEFAULT_QUANTILE,
@@ -286,7 +283,7 @@ class ControllerPolicy:
         Stage 2 on a blank latency token, which costs what the pause will (to time it).
         """
         decider = self.decider
-        fitting = decider.fitting(budget_ms - self.reserve_ms)
+        fitting = decider.fitting(budget_ms)
         shared = decider.features(question, budget_ms)
         tier, position = decider.stage1(shared, fitting)
         if self.mode == "B":
@@ -307,7 +304,7 @@ class ControllerPolicy:
             return vlm.generate([image], [question], knobs, answer_tokens).answers[0], knobs
         # Mode A: Stage 2 decides at the pause, from the latency token, in the same forward.
         tier, position = choice
-        fitting = decider.fitting(budget_ms - self.reserve_ms)
+        fitting = decider.fitting(budget_ms)
         space = vlm.knob_space
 
         @torch.inference_mode()
@@ -451,48 +448,43 @@ def measured_sweep(
 ) -> list[MeasuredRow]:
     """Serve every request one at a time with every policy at every budget, and time it.
 
-    The policies take turns request by request (in a seeded shuffled order), so a slow
-    spell of the machine costs each of them alike. Before the sweep, each policy's
-    decision time is measured (``knoblib.serving.measure_reserve``) and reserved out of
-    every budget, as ``BudgetedVLM`` does.
+    Each policy is served as ``BudgetedVLM`` serves the controller (``knoblib.serving.Server``:
+    its decision time reserved, the machine's drift followed, the full configuration above
+    its latency). The policies take turns request by request (in a seeded shuffled order),
+    so a slow spell of the machine costs each of them alike.
     """
     from tqdm.auto import tqdm
 
-    from .serving import measure_reserve, serve_timed
+    from .serving import Server
 
     if not samples:
         raise ValueError("samples is empty: evaluate at least one request")
     budgets = check_budgets(list(budgets)).tolist()
-    answer_tokens = table.answer_tokens if answer_tokens is None else answer_tokens
     images = [s.image() for s in samples]
-    questions = [s.question for s in samples[:8]]
-    for policy in policies:
-        policy.reserve_ms = measure_reserve(policy, questions, [budgets[0], budgets[-1]])
-    # Warm-up: the first requests of a process allocate and are slow for every policy.
-    for i in range(warmup):
-        for policy in policies:
-            policy.serve_one(vlm, images[i % len(images)], samples[i % len(samples)].question, budgets[-1], answer_tokens)
+    servers = [Server(vlm, policy, table) for policy in policies]
+    for server in servers:
+        server.warm_up(images, [s.question for s in samples], warmup)
     rng = random.Random(seed)
     records: dict[tuple[str, float], list[tuple[bool, float, float]]] = {}
-    bar = tqdm(total=len(policies) * len(budgets) * len(samples), desc="serving", unit="request", disable=not progress)
+    bar = tqdm(total=len(servers) * len(budgets) * len(samples), desc="serving", unit="request", disable=not progress)
     for budget in budgets:
         for sample, image in zip(samples, images):
-            order = list(policies)
+            order = list(servers)
             rng.shuffle(order)
-            for policy in order:
-                text, knobs, ms = serve_timed(policy, vlm, image, sample.question, budget, answer_tokens)
-                records.setdefault((policy.name, budget), []).append((text == sample.answer, ms, table.latency(knobs)))
+            for server in order:
+                text, knobs, ms, _ = server.serve(image, sample.question, budget, answer_tokens)
+                records.setdefault((server.name, budget), []).append((text == sample.answer, ms, table.latency(knobs)))
                 bar.update(1)
     bar.close()
     rows = []
-    for policy in policies:
+    for server in servers:
         for budget in budgets:
-            rec = records[(policy.name, budget)]
+            rec = records[(server.name, budget)]
             wall = [ms for _, ms, _ in rec]
             table_ms = [t for _, _, t in rec]
             rows.append(
                 MeasuredRow(
-                    policy=policy.name,
+                    policy=server.name,
                     budget_ms=float(budget),
                     n=len(rec),
                     accuracy=sum(c for c, _, _ in rec) / len(rec),
@@ -502,7 +494,7 @@ def measured_sweep(
                     violation_rate=sum(ms > budget for ms in wall) / len(wall),
                     table_mean_latency_ms=sum(table_ms) / len(table_ms),
                     table_violation_rate=sum(t > budget for t in table_ms) / len(table_ms),
-                    reserve_ms=policy.reserve_ms,
+                    reserve_ms=server.reserve_ms,
                 )
             )
     return rows

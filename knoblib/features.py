@@ -36,6 +36,9 @@ class LanguageFeatureExtractor:
             raise TypeError(f"embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
         self.embedding = embedding
         self.tokenizer = tokenizer
+        # The Rust tokenizer (same normaliser and pre-tokenizer as ``tokenizer(...)``): at
+        # batch 1 the Python wrapper costs more than the whole controller.
+        self._backend = tokenizer.backend_tokenizer if tokenizer is not None else None
 
     @classmethod
     def from_vlm(cls, vlm) -> "LanguageFeatureExtractor":
@@ -64,10 +67,8 @@ class LanguageFeatureExtractor:
         for i, question in enumerate(questions):
             if not isinstance(question, str):
                 raise ValueError(f"question {i} is not a string: {question!r}")
-        # The Rust tokenizer directly (the same normaliser and pre-tokenizer as
-        # ``tokenizer(...)``): the Python wrapper costs more than the whole controller at batch 1.
         # No BOS/EOS: special tokens are shared by every prompt and would only blur the mean.
-        encodings = self.tokenizer.backend_tokenizer.encode_batch(list(questions), add_special_tokens=False)
+        encodings = self._backend.encode_batch(list(questions), add_special_tokens=False)
         token_ids = [e.ids for e in encodings]
         for i, ids in enumerate(token_ids):
             if len(ids) == 0:
@@ -77,18 +78,21 @@ class LanguageFeatureExtractor:
             return self.pool(token_ids)
 
     def pool(self, token_ids: list[list[int]]) -> torch.Tensor:
-        """``lang_feat`` (N, d_model) from N non-empty lists of token ids (no checks: ``__call__`` makes them)."""
-        weight = self.embedding.weight.detach()
+        """``lang_feat`` (N, d_model) from N non-empty lists of token ids; no checks, no gradient
+        (``__call__`` makes the checks; call under ``torch.no_grad`` or ``torch.inference_mode``)."""
+        weight = self.embedding.weight
         if len(token_ids) == 1:
-            return weight[torch.tensor(token_ids[0], device=weight.device)].mean(0, keepdim=True).float()
-        flat = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long, device=weight.device)
-        lengths = torch.tensor([len(ids) for ids in token_ids], device=weight.device)
-        offsets = torch.cumsum(lengths, 0) - lengths
-        return F.embedding_bag(flat, weight, offsets, mode="mean").float()
+            pooled = weight[torch.tensor(token_ids[0], device=weight.device)].mean(0, keepdim=True)
+        else:
+            flat = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long, device=weight.device)
+            lengths = torch.tensor([len(ids) for ids in token_ids], device=weight.device)
+            offsets = torch.cumsum(lengths, 0) - lengths
+            pooled = F.embedding_bag(flat, weight, offsets, mode="mean")
+        return pooled if pooled.dtype == torch.float32 else pooled.float()
 
     def token_ids(self, question: str) -> list[int]:
         """The question's token ids (no BOS/EOS), as ``__call__`` pools them."""
-        return self.tokenizer.backend_tokenizer.encode(question, add_special_tokens=False).ids
+        return self._backend.encode(question, add_special_tokens=False).ids
 
 
 class BudgetOutOfRangeWarning(UserWarning):
@@ -183,7 +187,8 @@ class LatencyBudgetEncoder(nn.Module):
         """[u, sin(w_i u), cos(w_i u)] for w_i = 2^i pi / 2, i < F: (N, 2F + 1), no parameters."""
         u = self.normalise(budget_ratio)[:, None]
         angles = u * torch.tensor(self.frequencies, dtype=u.dtype, device=u.device)
-        return torch.cat([u, torch.sin(angles), torch.cos(angles)], dim=-1)
+        # Computed in float64 (budgets are), returned in the MLP's dtype.
+        return torch.cat([u, torch.sin(angles), torch.cos(angles)], dim=-1).to(self.mlp[0].weight.dtype)
 
     def forward(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
         """``budget_feat`` (N, out_dim) for budgets (N,) as fractions of the full configuration's latency."""

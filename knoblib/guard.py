@@ -12,9 +12,11 @@ only the fastest one is open.
 
 Why a quantile and not the median: a budget is kept or broken by the wall clock of one
 request, and a configuration whose *median* just fits breaks it half the time. The guard
-reads each configuration's latency at ``quantile`` (``DEFAULT_QUANTILE``: p95 of this
+reads each configuration's latency at ``quantile`` (``DEFAULT_QUANTILE``: p99 of this
 machine's measured distribution), so a choice it allows fits the budget at least that
-often.
+often. Why p99 and not p95: measured at p95, the configurations that sit right at a
+budget broke it 5-7 % of the time on a shared 2-core machine (the decision's own time and
+the machine's drift come on top); p99 keeps measured violations under 5 %.
 
 Why a guard at all: the lookup-table baseline reads the same latency table and never
 picks a configuration that does not fit. A controller that has to *learn* the
@@ -31,7 +33,7 @@ import torch
 from .knobs import KnobSpace
 from .latency import LatencyTable
 
-DEFAULT_QUANTILE = 0.95
+DEFAULT_QUANTILE = 0.99
 
 
 class BudgetGuard:

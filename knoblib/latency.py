@@ -699,18 +699,24 @@ def profile_latency(
 
 # --- budgets ------------------------------------------------------------------------
 def check_budgets(budgets: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    """Validate budgets (ms, or relative to the full configuration) and return them as a 1-D float tensor (N,).
+    """Validate budgets (ms, or relative to the full configuration) and return them as a 1-D float64 tensor (N,).
 
     Every policy and the controller check budgets with this one function: strings, NaN,
     infinities, zero and negative values are refused with the offending rows named.
     """
     if isinstance(budgets, str) or (isinstance(budgets, (list, tuple)) and any(isinstance(b, str) for b in budgets)):
         raise ValueError(f"budgets must be numbers, got strings: {budgets!r}")
-    budgets = torch.as_tensor(budgets)
+    if not isinstance(budgets, torch.Tensor):
+        if isinstance(budgets, (list, tuple)) and any(isinstance(b, bool) for b in budgets):
+            raise ValueError(f"budgets must be real numbers, got booleans: {budgets!r}")
+        try:
+            # float64 from the start: a budget given as 43.4 ms stays 43.4 ms (float32: 43.400002).
+            budgets = torch.as_tensor(budgets, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"budgets must be numbers, got {budgets!r}") from err
     if budgets.dtype == torch.bool or budgets.is_complex():
         raise ValueError(f"budgets must be real numbers, got dtype {budgets.dtype}")
-    if not budgets.is_floating_point():
-        budgets = budgets.float()
+    budgets = budgets.to(torch.float64)
     if budgets.dim() != 1:
         raise ValueError(f"budgets must be a 1-D tensor (N,), got shape {tuple(budgets.shape)}")
     if budgets.numel() == 0:

@@ -14,10 +14,12 @@ clock of both. What keeps that wall clock inside the budget:
 
 * the latency table is this machine's (``knoblib.calibration``: profiled here when the
   shipped one does not hold);
-* the budget guard reads each configuration at a tail quantile (p95 by default), not
+* the budget guard reads each configuration at a tail quantile (p99 by default), not
   its median;
 * the time the decision itself takes is measured when the server starts and reserved
   out of every budget (``reserve_ms``);
+* every served request is also a measurement: ``LatencyMonitor`` follows how much
+  slower (or faster) than its table the machine runs now, and budgets are scaled by it;
 * answers decode at most the table's ``answer_tokens``, the length every configuration
   was timed with;
 * a budget above the full configuration's latency is served by the full configuration.
@@ -28,8 +30,9 @@ the same controller means the same thing on a machine 4x slower or faster.
 
 from __future__ import annotations
 
-import statistics
+import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -155,11 +158,120 @@ def measure_reserve(policy, questions: Sequence[str], budgets_ms: Sequence[float
     return times[min(len(times) - 1, int(quantile * len(times)))]
 
 
-def serve_timed(policy, vlm: KnobVLM, image: torch.Tensor, question: str, budget_ms: float, answer_tokens: int):
-    """Serve one request with ``policy``: (answer, knobs, wall-clock ms of decision + VLM)."""
-    start = time.perf_counter()
-    text, knobs = policy.serve_one(vlm, image, question, budget_ms, answer_tokens)
-    return text, knobs, (time.perf_counter() - start) * 1000.0
+class LatencyMonitor:
+    """How fast this machine runs *now*, from the requests it serves, against its latency table.
+
+    Every served request is a free measurement: its VLM wall clock over the chosen
+    configuration's median in the table. A shared 2-core machine drifts (another process,
+    frequency, neighbours on a VM): the same configuration took 1.2x its profiled median
+    half an hour after the profile, here. The monitor keeps the last ``window`` ratios
+    and reports their ``quantile``: a machine whose recent tail is 1.3x the table's median,
+    where the profile said 1.1x, is ``slowdown`` 1.18x slower than its table, and serving
+    scales each budget down by that much before the guard reads the table. Until
+    ``min_samples`` requests were seen it trusts the profile (``slowdown`` 1).
+
+    Args:
+        table: this machine's latency table.
+        quantile: the tail the guard holds configurations to (one the table keeps).
+        window: recent requests remembered.
+        min_samples: requests needed before the measurements replace the profile.
+    """
+
+    def __init__(self, table: LatencyTable, quantile: float = DEFAULT_QUANTILE, window: int = 200, min_samples: int = 20):
+        if window < min_samples or min_samples < 1:
+            raise ValueError(f"window={window} and min_samples={min_samples} are invalid: need 1 <= min_samples <= window")
+        self.table = table
+        self.quantile = float(quantile)
+        self.profiled = table.factor(quantile)
+        self.ratios: deque[float] = deque(maxlen=window)
+        self.min_samples = min_samples
+
+    def observe(self, knobs: KnobConfig, vlm_ms: float) -> None:
+        """Record one request: the VLM's wall clock (ms) for ``knobs``."""
+        self.ratios.append(vlm_ms / self.table.latency(knobs))
+
+    @property
+    def tail_factor(self) -> float:
+        """The recent ``quantile`` of measured / table median (the profile's until enough requests)."""
+        if len(self.ratios) < self.min_samples:
+            return self.profiled
+        ordered = sorted(self.ratios)
+        return ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+
+    @property
+    def slowdown(self) -> float:
+        """How much slower than its table this machine runs now, at the guarded tail (1 = as profiled)."""
+        return self.tail_factor / self.profiled
+
+
+class Server:
+    """Serves one policy under per-request budgets, one request at a time, by the wall clock.
+
+    What it adds to the policy, so that the wall clock keeps the budget:
+
+    * ``reserve_ms``: the policy's own decision time (measured when the server starts),
+      taken out of every budget before the guard reads the table;
+    * ``monitor``: the machine's current speed against its table (``LatencyMonitor``);
+      the rest of the budget is divided by its ``slowdown``, so the policy chooses as if
+      the machine ran exactly as profiled;
+    * a budget above what the full configuration needs (at the guard's quantile) is
+      served by the full configuration: nothing is left to decide.
+
+    Args:
+        vlm: the ``KnobVLM``.
+        policy: anything with ``serve_one`` (``knoblib.evaluate``'s policies).
+        table: this machine's latency table.
+        quantile: the guard's quantile (the policy's own, for a policy that has one).
+        reserve_ms: None measures it now (``measure_reserve``).
+        monitor: follow the machine's drift (default True).
+    """
+
+    def __init__(
+        self,
+        vlm: KnobVLM,
+        policy,
+        table: LatencyTable,
+        quantile: float = DEFAULT_QUANTILE,
+        reserve_ms: float | None = None,
+        monitor: bool = True,
+    ) -> None:
+        self.vlm, self.policy, self.table = vlm, policy, table
+        self.quantile = float(getattr(policy, "quantile", quantile))
+        self.full = FullModelPolicy(vlm.knob_space)
+        self.full_ms = table.latency(vlm.knob_space.full(), self.quantile)
+        if reserve_ms is None:
+            questions = ["what color is the shape ?", "how many red shapes are there ?"]
+            reserve_ms = measure_reserve(policy, questions, [0.75 * table.reference_ms, table.reference_ms])
+        self.reserve_ms = float(reserve_ms)
+        self.monitor = LatencyMonitor(table, self.quantile) if monitor else None
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    def budget_for_table(self, budget_ms: float) -> float:
+        """What is left of ``budget_ms`` for the VLM, in the table's milliseconds."""
+        slowdown = self.monitor.slowdown if self.monitor is not None else 1.0
+        return max(budget_ms - self.reserve_ms, 1e-6) / slowdown
+
+    def serve(self, image: torch.Tensor, question: str, budget_ms: float, answer_tokens: int | None = None):
+        """(answer, knobs, wall-clock ms of decision + VLM, the decision's ms) for one request."""
+        answer_tokens = self.table.answer_tokens if answer_tokens is None else answer_tokens
+        budget = self.budget_for_table(budget_ms)
+        # Above what the full configuration needs, nothing is gained by deciding: serve it.
+        policy = self.full if budget > self.full_ms else self.policy
+        start = time.perf_counter()
+        text, knobs = policy.serve_one(self.vlm, image, question, budget, answer_tokens)
+        total_ms = (time.perf_counter() - start) * 1000.0
+        decision_ms = getattr(policy, "last_decision_ms", 0.0) if policy is self.policy else 0.0
+        if self.monitor is not None:
+            self.monitor.observe(knobs, total_ms - decision_ms)
+        return text, knobs, total_ms, decision_ms
+
+    def warm_up(self, images: Sequence[torch.Tensor], questions: Sequence[str], requests: int = 5) -> None:
+        """Serve a few requests first (the first calls of a process allocate and run slow); they also feed the monitor."""
+        for i in range(requests):
+            self.serve(images[i % len(images)], questions[i % len(questions)], self.table.reference_ms)
 
 
 class BudgetedVLM:
@@ -171,6 +283,7 @@ class BudgetedVLM:
         table: this machine's latency table (``knoblib.assets.latency_table``).
         quantile: the latency quantile the budget guard holds each configuration to.
         reserve_ms: budget kept for the decision; None measures it now.
+        monitor: follow the machine's drift while serving (``LatencyMonitor``).
     """
 
     def __init__(
@@ -180,19 +293,14 @@ class BudgetedVLM:
         table: LatencyTable,
         quantile: float = DEFAULT_QUANTILE,
         reserve_ms: float | None = None,
+        monitor: bool = True,
     ) -> None:
         table.check_space(vlm.knob_space)
         self.vlm = vlm.eval()
         self.table = table
         self.quantile = float(quantile)
         self.policy = ControllerPolicy(controller, vlm, table=table, quantile=quantile)
-        self.full = FullModelPolicy(vlm.knob_space)
-        self.full_ms = table.latency(vlm.knob_space.full(), quantile)
-        if reserve_ms is None:
-            questions = ["what color is the shape ?", "how many red shapes are there ?"]
-            budgets = [0.75 * table.reference_ms, table.reference_ms]
-            reserve_ms = measure_reserve(self.policy, questions, budgets)
-        self.policy.reserve_ms = float(reserve_ms)
+        self.server = Server(vlm, self.policy, table, quantile, reserve_ms, monitor)
 
     @property
     def mode(self) -> str:
@@ -207,13 +315,13 @@ class BudgetedVLM:
         cls,
         path: str | Path | None = None,
         mode: str = "B",
-        table: str | Path | LatencyTable = "local",
+        table: str | Path | LatencyTable | None = None,
         quantile: float = DEFAULT_QUANTILE,
         cache_dir: str | Path | None = None,
         progress: bool = True,
         log=print,
     ) -> "BudgetedVLM":
-        """Load a VLM, its controller and this machine's latency table.
+        """Load a VLM, its controller and this machine's latency table, and warm the server up.
 
         Args:
             path: a folder holding ``model/``, ``controller_A/``, ``controller_B/`` (and
@@ -221,12 +329,12 @@ class BudgetedVLM:
                 repository's ``data/``; default: the shipped ``data/``.
             mode: ``"B"`` (every knob chosen before the model runs; the default) or ``"A"``
                 (Stage 2 reads the latency token at the pause of a resumable forward).
-            table: ``"local"`` (this machine's table: cached, the shipped one if a spot
-                check agrees, else profiled now; see ``knoblib.calibration``), ``"shipped"``,
-                a path, or a ``LatencyTable``.
+            table: ``"local"`` (the default: this machine's table: cached, the shipped one
+                if a spot check agrees, else profiled now; see ``knoblib.calibration``),
+                ``"shipped"``, a path, or a ``LatencyTable``.
             quantile, cache_dir, progress, log: see ``BudgetedVLM`` and the calibration.
         """
-        from .assets import latency_table
+        from .assets import CALIBRATION_SAMPLES, TABLE_ENV, latency_table, load_samples
         from .controller import TwoStageController
         from .data import data_path
 
@@ -236,22 +344,22 @@ class BudgetedVLM:
         if not root.is_dir():
             raise FileNotFoundError(f"no served-model folder at {root}: expected model/ and controller_{mode}/ inside")
         vlm = KnobVLM.from_pretrained(root / "model")
-        if table == "local" and path is not None:
+        samples = load_samples("test", CALIBRATION_SAMPLES)
+        if (table or os.environ.get(TABLE_ENV) or "local") == "local" and path is not None:
             from .calibration import local_latency_table
-            from .assets import CALIBRATION_SAMPLES, load_samples
 
             shipped_file = root / "latency_table.json"
             shipped = LatencyTable.load(shipped_file) if shipped_file.is_file() else None
-            table = local_latency_table(
-                vlm, shipped, load_samples("test", CALIBRATION_SAMPLES), cache_dir=cache_dir, progress=progress, log=log
-            )
+            table = local_latency_table(vlm, shipped, samples, cache_dir=cache_dir, progress=progress, log=log)
         else:
             table = latency_table(vlm, table, cache_dir=cache_dir, progress=progress, log=log)
         controller = TwoStageController.load(
             root / f"controller_{mode}", expected_space=vlm.knob_space, expected_mode=mode,
             expected_latency_dim=vlm.hidden_size,
         )
-        return cls(vlm, controller, table, quantile=quantile)
+        served = cls(vlm, controller, table, quantile=quantile)
+        served.server.warm_up([s.image() for s in samples], [s.question for s in samples])
+        return served
 
     def answer(
         self,
@@ -286,24 +394,17 @@ class BudgetedVLM:
             if len(budgets) != len(questions):
                 raise ValueError(f"got {len(budgets)} budgets for {len(questions)} requests: give one, or one per request")
         pixels = [load_image(image) for image in images]
-        answers = []
-        for image, question, budget in zip(pixels, questions, budgets.tolist()):
-            answers.append(self._serve(image, question, budget))
-        return answers
+        return [self._serve(image, question, budget) for image, question, budget in zip(pixels, questions, budgets.tolist())]
 
     def _serve(self, image: torch.Tensor, question: str, budget_ms: float) -> Answer:
-        unknown = self.vlm.unknown_words(question) if hasattr(self.vlm, "unknown_words") else []
-        # Above what the full configuration needs, nothing is gained by deciding: serve it.
-        policy = self.full if budget_ms > self.full_ms + self.policy.reserve_ms else self.policy
-        start = time.perf_counter()
-        text, knobs = policy.serve_one(self.vlm, image, question, budget_ms, self.table.answer_tokens)
-        total_ms = (time.perf_counter() - start) * 1000.0
+        unknown = self.vlm.unknown_words(question)
+        text, knobs, total_ms, decision_ms = self.server.serve(image, question, budget_ms)
         return Answer(
             text=text,
             knobs=knobs,
             latency_ms=total_ms,
             budget_ms=float(budget_ms),
-            decision_ms=getattr(policy, "last_decision_ms", 0.0),
+            decision_ms=decision_ms,
             table_latency_ms=self.table.latency(knobs),
             unknown_words=unknown,
         )

@@ -10,6 +10,29 @@ from knoblib.data import data_path, load_split, load_tokenizer, split_path
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache(tmp_path_factory):
+    """Per-machine latency tables go to a folder of this test session, never to the user's cache,
+    and the default table is the shipped one. Set in the environment, so notebooks executed
+    by papermill inherit it."""
+    import os
+
+    settings = {
+        "KNOBLIB_CACHE_DIR": str(tmp_path_factory.mktemp("knoblib-cache")),
+        # The shipped table by default: a test's numbers must not depend on this machine's
+        # speed. Calibration itself is tested with a synthetic clock (test_calibration.py).
+        "KNOBLIB_LATENCY_TABLE": "shipped",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same torch RNG state."""

@@ -470,3 +470,99 @@ def test_resume_from_a_truncated_checkpoint_names_the_file(shipped_checkpoint, t
     with pytest.raises(ValueError, match="truncated") as err:
         main(["train", "--resume", "--steps", "2", "--out", str(run)])
     assert str(target) in str(err.value)
+
+
+# --- 3. a larger budget never makes the controller worse ------------------------------------------
+def saturation_setup(tiny_vlm):
+    from knoblib.controller import ControllerConfig, TwoStageController
+    from knoblib.latency import LatencyTable
+
+    space = tiny_vlm.knob_space
+    latency = {k: 20.0 + 3.0 * k.num_active_blocks + {"low": 0, "medium": 6, "high": 12}[k.tier] + k.top_k for k in space}
+    table = LatencyTable(latency_ms=latency, knob_space=space.as_dict())
+    controller = TwoStageController(ControllerConfig.for_vlm(tiny_vlm, (0.6, 1.1), mode="B", seed=1)).eval()
+    with torch.no_grad():  # a policy that would pick something else far outside its range, if it were asked
+        for p in controller.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return table, controller
+
+
+@pytest.mark.filterwarnings("ignore::knoblib.features.BudgetOutOfRangeWarning")
+def test_budgets_past_the_trained_range_never_buy_a_cheaper_configuration(tiny_vlm, samples):
+    from knoblib.evaluate import ControllerPolicy
+
+    table, controller = saturation_setup(tiny_vlm)
+    policy = ControllerPolicy(controller, tiny_vlm, table=table)
+    top = 1.1 * table.reference_ms  # the edge of the range the controller was trained on
+    for s in samples:
+        latencies = [table.latency(policy.decider.knobs(*policy.decide(s.question, f * top))) for f in (1, 2, 10, 1000, 1e9)]
+        assert latencies == sorted(latencies) and len(set(latencies)) == 1
+
+
+def test_served_budgets_of_10x_and_1000x_give_the_configuration_of_2x(tiny_vlm, samples):
+    from knoblib.serving import BudgetedVLM
+
+    table, controller = saturation_setup(tiny_vlm)
+    served = BudgetedVLM(tiny_vlm, controller, table, reserve_ms=0.0, monitor=False)
+    for s in samples[:4]:
+        knobs = [served.answer([s.image()], [s.question], f * table.reference_ms)[0].knobs for f in (2, 10, 1000)]
+        assert knobs[0] == knobs[1] == knobs[2]
+
+
+def test_the_first_budget_outside_the_range_warns_once_naming_it(tiny_vlm):
+    from knoblib.features import BudgetOutOfRangeWarning
+
+    _, controller = saturation_setup(tiny_vlm)
+    with pytest.warns(BudgetOutOfRangeWarning, match=r"outside the range \[0.600, 1.100\]") as record:
+        controller.encode_budget(torch.tensor([5.0]))
+        controller.encode_budget(torch.tensor([50.0]))
+    assert len(record) == 1
+
+
+# --- 7. every policy checks budgets the same way ------------------------------------------------------
+@pytest.mark.parametrize("budget", [0.0, -5.0, float("nan"), float("inf")])
+def test_every_policy_refuses_a_budget_that_is_not_a_positive_number(tiny_vlm, samples, budget):
+    from knoblib.evaluate import ControllerPolicy, FullModelPolicy, LookupTablePolicy, RandomFeasiblePolicy
+
+    table, controller = saturation_setup(tiny_vlm)
+    accuracy = {k: {"all": 0.5} for k in tiny_vlm.knob_space}
+    policies = [
+        LookupTablePolicy(table, accuracy),
+        RandomFeasiblePolicy(table),
+        FullModelPolicy(tiny_vlm.knob_space),
+        ControllerPolicy(controller, tiny_vlm, table=table),
+    ]
+    images = [samples[0].image()]
+    for policy in policies:
+        with pytest.raises(ValueError, match="finite and > 0"):
+            policy.choose(tiny_vlm, samples[:1], images, torch.tensor([budget]))
+    for policy in policies[:3]:
+        with pytest.raises(ValueError, match="finite and > 0"):
+            policy.choose_one(budget)
+
+
+# --- 11. budgets of the wrong type, a latency table missing a configuration -----------------------------
+def test_run_controller_takes_budget_lists_and_refuses_strings(tiny_vlm, samples):
+    from knoblib.features import LanguageFeatureExtractor
+    from knoblib.grpo import run_controller
+
+    table, controller = saturation_setup(tiny_vlm)
+    language = LanguageFeatureExtractor.from_vlm(tiny_vlm)
+    images, questions = [s.image() for s in samples[:2]], [s.question for s in samples[:2]]
+    run = run_controller(tiny_vlm, controller, language, images, questions, [40.0, 50.0], table, "B", 3, greedy=True)
+    assert len(run.knobs) == 2
+    with pytest.raises(ValueError, match="strings"):
+        run_controller(tiny_vlm, controller, language, images, questions, ["40", "50"], table, "B", 3)
+    with pytest.raises(ValueError, match="got 1 budgets for 2 questions"):
+        run_controller(tiny_vlm, controller, language, images, questions, [40.0], table, "B", 3)
+
+
+def test_a_latency_table_missing_a_configuration_is_caught_at_load(tmp_path):
+    from knoblib.latency import LatencyTable
+
+    data = json.loads(data_path("latency_table.json").read_text())
+    data["rows"].pop(7)
+    path = tmp_path / "latency_table.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"corrupt latency table {path}: it lacks 1 of the 54 configurations"):
+        LatencyTable.load(path)

@@ -21,7 +21,7 @@ def table(space):
         k: cost[k.tier] + 4.0 * k.num_active_blocks + 2.0 * k.top_k * (8 - k.insertion_position) + 0.1 * k.insertion_position
         for k in space
     }
-    return LatencyTable(latency_ms=latency, knob_space=space.as_dict(), quantile_factors={0.5: 1.0, 0.95: 1.2})
+    return LatencyTable(latency_ms=latency, knob_space=space.as_dict(), quantile_factors={0.5: 1.0, 0.95: 1.2, 0.99: 1.3})
 
 
 def index(space, k):
@@ -33,7 +33,7 @@ def index(space, k):
     )
 
 
-@pytest.mark.parametrize("quantile", [0.5, 0.95])
+@pytest.mark.parametrize("quantile", [0.5, 0.95, 0.99])
 def test_mask_matches_brute_force(space, table, quantile):
     guard = BudgetGuard(table, space, quantile)
     budgets = torch.tensor([table.min_ms, 60.0, 75.0, 1.2 * table.max_ms, 1.0])
@@ -50,9 +50,9 @@ def test_mask_matches_brute_force(space, table, quantile):
 
 def test_each_choice_takes_its_slice(space, table):
     guard = BudgetGuard(table, space)
-    budgets = torch.tensor([80.0, 95.0, 110.0])
+    budgets = torch.tensor([85.0, 95.0, 110.0])
     mask = guard.mask(budgets)
-    fits = [[k for k in space if table.latency(k, 0.95) <= b] for b in budgets.tolist()]
+    fits = [[k for k in space if table.latency(k, 0.99) <= b] for b in budgets.tolist()]
     for row, feasible in enumerate(fits):
         one = mask[row : row + 1]
         assert tier_options(one)[0].tolist() == [any(k.tier == t for k in feasible) for t in space.tiers]
@@ -92,7 +92,7 @@ def test_guarded_decisions_always_fit(space, table, mode):
         tier, pos = controller.sample_stage1(lang, feat, mask, generator=gen, greedy=greedy)
         k, b = controller.sample_stage2(tier, pos, **stage2_inputs, mask=mask, generator=gen, greedy=greedy)
         decisions = Decisions(tier, pos, k, b)
-        latency = table.latencies(decisions.to_knobs(space), 0.95)
+        latency = table.latencies(decisions.to_knobs(space), 0.99)
         assert bool((latency <= budgets.clamp(min=guard.fastest_ms)).all())
         log_prob, _ = controller.evaluate_actions(decisions, lang, feat, mask, stage2_inputs.get("latency_token"))
         unguarded, _ = controller.evaluate_actions(decisions, lang, feat, None, stage2_inputs.get("latency_token"))

