@@ -172,6 +172,25 @@ def cmd_config_accuracy(args) -> None:
           f"{result[best]['all']:.3f}; saved to {args.out}")
 
 
+def cmd_correctness(args) -> None:
+    from .assets import load_samples
+    from .correctness import measure_correctness
+    from .vlm import KnobVLM
+
+    args.out = args.out or str(runs_path(f"correctness_{args.split}.safetensors"))
+    check_output(args.out, args.overwrite, "--out")
+    vlm = KnobVLM.from_pretrained(args.model)
+    samples = load_samples(args.split, args.n)
+    table = measure_correctness(vlm, samples, split=args.split)
+    table.save(args.out)
+    accuracy = table.accuracy()
+    best = max(accuracy, key=lambda k: accuracy[k]["all"])
+    solvable = float(table.correct.any(1).float().mean())
+    print(f"{len(table.configs)} configurations x {len(table)} {args.split} questions; best {best.short()} "
+          f"{accuracy[best]['all']:.3f}; {solvable:.3f} of the questions are answered right by some configuration; "
+          f"saved to {args.out}")
+
+
 def cmd_knob_table(args) -> None:
     from .data import FAMILIES, load_split, split_path
     from .evaluate import config_accuracy, knob_table_configs
@@ -293,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("oracle-gap", help="what a family-aware policy could win over the lookup table (val)")
     p.add_argument("--table", default=str(data_path("latency_table.json")))
     p.add_argument("--accuracy", default=str(data_path("config_accuracy_val.json")))
-    p.add_argument("--budgets", type=int_at_least(2), default=8, help="budgets in the sweep (>= 2)")
+    p.add_argument("--budgets", type=int_at_least(2), default=8, help="budgets (and targets) in the sweep (>= 2)")
+    p.add_argument("--val-n", type=POSITIVE_INT, default=400, help="validation questions the prices are found on")
     p.add_argument(
         "--score",
         default=None,
@@ -351,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(p)
     p.set_defaults(fn=cmd_config_accuracy)
 
+    p = sub.add_parser("correctness", help="which configurations answer each question right (per sample)")
+    _add_model(p)
+    p.add_argument("--split", default="val")
+    _add_n(p)
+    p.add_argument("--out", default=None, help="default: runs/correctness_<split>.safetensors")
+    _add_overwrite(p)
+    p.set_defaults(fn=cmd_correctness)
+
     p = sub.add_parser("knob-table", help="accuracy per family and latency, each knob moved alone")
     _add_model(p)
     p.add_argument("--split", default="test")
@@ -402,8 +430,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warm-start-teacher",
         default=None,
-        choices=["table", "family-table"],  # knoblib.grpo.WARM_START_TEACHERS
-        help="whom the warm start clones: the lookup table, or the per-family table (default: table)",
+        choices=["correctness", "oracle", "table", "family-table"],  # knoblib.grpo.WARM_START_TEACHERS
+        help="what the warm start fits: the expected reward from per-sample correctness (default), the per-question "
+        "oracle, the lookup table, or the per-family table (see GRPOConfig.warm_start_teacher)",
+    )
+    p.add_argument(
+        "--correctness",
+        default=None,
+        help="per-sample correctness of training questions for the correctness/oracle warm start "
+        "(default: data/correctness_train.safetensors; make it with `correctness --split train`)",
+    )
+    p.add_argument(
+        "--saving-bonus",
+        type=NON_NEGATIVE_FLOAT,
+        default=None,
+        help="reward per unit of unused budget: how much accuracy a latency saving is worth (default: RewardConfig's 0.03)",
+    )
+    p.add_argument(
+        "--max-price", type=NON_NEGATIVE_FLOAT, default=None, help="largest latency price trained on (0: budgets only)"
+    )
+    p.add_argument(
+        "--average-fraction",
+        type=FRACTION,
+        default=None,
+        help="share of training requests served at a latency price without a budget (the average-latency mode)",
+    )
+    p.add_argument(
+        "--no-question",
+        dest="use_question",
+        action="store_const",
+        const=False,
+        default=None,
+        help="the budget-only ablation: the controller does not see the question",
     )
     p.add_argument(
         "--export",
@@ -420,7 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="budget sweep on the test split against the baselines")
     _add_model(p)
-    p.add_argument("--controllers", nargs="*", default=[str(data_path("controller_A")), str(data_path("controller_B"))])
+    p.add_argument(
+        "--controllers",
+        nargs="*",
+        default=None,
+        help="controller folders (default: those of data/controller_A, controller_B, controller_B_budget_only that exist)",
+    )
     p.add_argument("--split", default="test")
     p.add_argument(
         "--n", type=POSITIVE_INT, default=None, help="requests (>= 1; default: 1000, or 200 with --measured)"

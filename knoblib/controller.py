@@ -436,6 +436,11 @@ class ControllerConfig(PretrainedConfig):
         budget_guard: whether the controller is trained and served with the budget
             guard (``knoblib.guard``: options whose profiled latency cannot fit are masked).
         hidden_act: the MLPs' activation (``ACTIVATIONS``; ``gelu_tanh`` by default).
+        max_price: the largest latency price lambda the controller is trained on (its
+            budget encoder then also reads the price; ``knoblib.reward``); 0 = per-request
+            budgets only.
+        use_question: False makes the budget-only ablation: the stages see zeros instead
+            of ``lang_feat``, so they can condition on the budget and price alone.
     """
 
     model_type = "knoblib_controller"
@@ -452,6 +457,8 @@ class ControllerConfig(PretrainedConfig):
     seed: int = 0
     budget_guard: bool = True
     hidden_act: str = "gelu_tanh"
+    max_price: float = 0.0
+    use_question: bool = True
 
     def __post_init__(self, **kwargs) -> None:
         if "budget_range_ms" in kwargs:
@@ -464,6 +471,13 @@ class ControllerConfig(PretrainedConfig):
             raise ValueError(f"mode={self.mode!r} is invalid: allowed 'A' (latency token) or 'B' (optimised)")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is invalid: allowed {list(ACTIVATIONS)}")
+        if isinstance(self.max_price, bool) or not isinstance(self.max_price, (int, float)) or not (
+            math.isfinite(self.max_price) and self.max_price >= 0
+        ):
+            raise ValueError(f"max_price={self.max_price!r} is invalid: must be a finite number >= 0")
+        self.max_price = float(self.max_price)
+        if not isinstance(self.use_question, bool):
+            raise ValueError(f"use_question={self.use_question!r} is invalid: must be True or False")
         if self.knob_space is None:
             self.knob_space = KnobSpace.for_model().as_dict()
         elif isinstance(self.knob_space, KnobSpace):
@@ -567,7 +581,12 @@ class TwoStageController(PreTrainedModel):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.budget_encoder = LatencyBudgetEncoder(
-                config.budget_range, config.num_frequencies, config.hidden_dim, config.budget_dim, config.hidden_act
+                config.budget_range,
+                config.num_frequencies,
+                config.hidden_dim,
+                config.budget_dim,
+                config.hidden_act,
+                config.max_price,
             )
             self.budget_probe = BudgetProbe(
                 self.budget_encoder.encoding_dim, config.latency_dim, seed=config.seed, scale=config.probe_scale
@@ -685,15 +704,26 @@ class TwoStageController(PreTrainedModel):
         return self.config.mode
 
     # --- features ---------------------------------------------------------------
-    def encode_budget(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    def encode_budget(
+        self, budget_ratio: torch.Tensor | Sequence[float], price: torch.Tensor | Sequence[float] | None = None
+    ) -> torch.Tensor:
         """``budget_feat`` (N, budget_dim) for budgets (N,) relative to the full configuration's
-        latency on the serving machine (``LatencyTable.relative``), with gradients into the encoder."""
-        return self.budget_encoder(budget_ratio)
+        latency on the serving machine (``LatencyTable.relative``; ``inf``: no budget) and
+        latency prices (N,) (None: 0), with gradients into the encoder."""
+        return self.budget_encoder(budget_ratio, price)
 
     @torch.no_grad()
-    def probe_embeddings(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """Mode-A probe input embeddings (N, latency_dim) for relative budgets (N,)."""
-        return self.budget_probe(self.budget_encoder.sinusoidal(budget_ratio))
+    def probe_embeddings(
+        self, budget_ratio: torch.Tensor | Sequence[float], price: torch.Tensor | Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """Mode-A probe input embeddings (N, latency_dim) for relative budgets (N,) and prices (N,)."""
+        return self.budget_probe(self.budget_encoder.sinusoidal(budget_ratio, price))
+
+    def _question(self, lang_feat: torch.Tensor | None) -> torch.Tensor | None:
+        """``lang_feat``, or zeros for the budget-only ablation (``config.use_question=False``)."""
+        if lang_feat is None or self.config.use_question:
+            return lang_feat
+        return torch.zeros_like(lang_feat)
 
     # --- logits and distributions ---------------------------------------------------
     # ``mask`` below is the budget guard's joint feasibility mask (N, T, P, K, NB) bool
@@ -708,7 +738,7 @@ class TwoStageController(PreTrainedModel):
         The position's slice of ``mask`` depends on the row's tier: pass ``tier_idx`` (N,)
         once the tier is chosen (without it, positions are not masked).
         """
-        tier_logits, position_logits = self.stage1(lang_feat, budget_feat)
+        tier_logits, position_logits = self.stage1(self._question(lang_feat), budget_feat)
         if mask is not None:
             tier_logits = _mask(tier_logits, tier_options(mask))
             if tier_idx is not None:
@@ -749,7 +779,7 @@ class TwoStageController(PreTrainedModel):
         """
         p = self._positions(insertion_position_idx)
         if self.stage2.use_optimized_mode:
-            top_k_logits, block_logits = self.stage2(p, lang_feat=lang_feat, budget_feat=budget_feat)
+            top_k_logits, block_logits = self.stage2(p, lang_feat=self._question(lang_feat), budget_feat=budget_feat)
         else:
             top_k_logits, block_logits = self.stage2(p, latency_token=latency_token)
         if mask is not None:
@@ -778,7 +808,7 @@ class TwoStageController(PreTrainedModel):
         greedy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tier_idx (N,), insertion_position_idx (N,)): drawn from ``generator``, or argmax if ``greedy``."""
-        tier_logits, position_logits = self.stage1(lang_feat, budget_feat)
+        tier_logits, position_logits = self.stage1(self._question(lang_feat), budget_feat)
         if mask is None:
             return _draw(tier_logits, generator, greedy), _draw(position_logits, generator, greedy)
         # One forward; only the masks are sequential (the position's depends on the tier).
@@ -824,6 +854,39 @@ class TwoStageController(PreTrainedModel):
         tier, position = self.sample_stage1(lang_feat, budget_feat, mask, generator, greedy)
         top_k, blocks = self.sample_stage2(tier, position, lang_feat, budget_feat, mask=mask, generator=generator, greedy=greedy)
         return Decisions(tier, position, top_k, blocks)
+
+    def joint_log_probs(self, lang_feat: torch.Tensor, budget_feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mode B: log pi(tier, p, top_k, blocks) of every configuration, (N, T, P, K, NB); -inf where closed.
+
+        The product of the four choices' probabilities, each under its slice of ``mask``
+        (N, T, P, K, NB) given the choices before it, as ``evaluate_actions`` scores one
+        configuration; here Stage 2 runs once for each p. Used to fit the controller to the
+        expected reward of every configuration (``JointGRPOTrainer.fit_to_correctness``).
+        """
+        if self.mode != "B":
+            raise ValueError("joint_log_probs needs Mode B: Mode A's Stage 2 reads a latency token per p")
+        n, num_t, num_p, num_k, num_b = mask.shape
+        device = self.stage1.tier_head.weight.device
+        mask = mask.to(device)
+
+        def log_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+            # Rows with nothing allowed give NaN; they are closed anyway (-inf).
+            return torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, float("-inf"))
+
+        tier_logits, position_logits = self.stage1(self._question(lang_feat), budget_feat)
+        log_tier = log_softmax(tier_logits, mask.flatten(2).any(-1))  # (N, T)
+        log_position = log_softmax(position_logits[:, None, :].expand(n, num_t, num_p), mask.flatten(3).any(-1))  # (N, T, P)
+        p = torch.arange(1, num_p + 1, device=device).repeat(n)
+        top_k_logits, block_logits = self.stage2(
+            p,
+            lang_feat=self._question(lang_feat).repeat_interleave(num_p, 0),
+            budget_feat=budget_feat.repeat_interleave(num_p, 0),
+        )
+        top_k_logits = top_k_logits.view(n, 1, num_p, num_k).expand(n, num_t, num_p, num_k)
+        block_logits = block_logits.view(n, 1, num_p, 1, num_b).expand(n, num_t, num_p, num_k, num_b)
+        log_top_k = log_softmax(top_k_logits, mask.any(-1))  # (N, T, P, K)
+        log_blocks = log_softmax(block_logits, mask)  # (N, T, P, K, NB)
+        return log_tier[..., None, None, None] + log_position[..., None, None] + log_top_k[..., None] + log_blocks
 
     # --- scoring for GRPO ---------------------------------------------------------
     def evaluate_actions(

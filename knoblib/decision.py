@@ -79,6 +79,8 @@ class GreedyDecider:
         self._versions: list[int] | None = None
         encoder = controller.budget_encoder
         self._range = encoder.budget_range
+        self._max_price = encoder.max_price
+        self._use_question = controller.config.use_question
         self._frequencies = list(encoder.frequencies)
         self._act = _ACTIVATIONS[controller.config.hidden_act]
         self._mode_b = controller.stage2.use_optimized_mode
@@ -156,13 +158,18 @@ class GreedyDecider:
             self._versions = versions
 
     # --- the decision -----------------------------------------------------------------
-    def sinusoidal(self, budget_ratio: float) -> list[float]:
-        """``LatencyBudgetEncoder.sinusoidal`` of one relative budget, in Python (saturated to the range)."""
+    def _waves(self, x: float) -> list[float]:
+        return [x] + [math.sin(f * x) for f in self._frequencies] + [math.cos(f * x) for f in self._frequencies]
+
+    def sinusoidal(self, budget_ratio: float, price: float = 0.0) -> list[float]:
+        """``LatencyBudgetEncoder.sinusoidal`` of one relative budget (``inf``: none) and price, in Python."""
         lo, hi = self._range
         u = min(max((budget_ratio - lo) / (hi - lo), 0.0), 1.0)
-        return [u] + [math.sin(f * u) for f in self._frequencies] + [math.cos(f * u) for f in self._frequencies]
+        if self._max_price <= 0:
+            return self._waves(u)
+        return self._waves(u) + self._waves(min(max(price / self._max_price, 0.0), 1.0))
 
-    def features(self, question: str, budget_ms: float) -> torch.Tensor:
+    def features(self, question: str, budget_ms: float, price: float = 0.0) -> torch.Tensor:
         """The activated shared layer (1, h or 3h) for one request; call under ``torch.inference_mode``.
 
         Its first h columns are Stage 1's first hidden layer; in Mode B the next 2h are
@@ -170,13 +177,16 @@ class GreedyDecider:
         """
         self._fresh()
         ratio = budget_ms / self.reference_ms
-        if not self._range[0] <= ratio <= self._range[1] and not self.controller.budget_encoder.warned:
+        if math.isfinite(ratio) and not self._range[0] <= ratio <= self._range[1] and not self.controller.budget_encoder.warned:
             self.controller.budget_encoder.normalise(torch.tensor([ratio]))  # warns once, as every other path does
-        ids = self.language.token_ids(question)
-        if not ids:
-            raise ValueError(f"the question has no tokens: {question!r}")
-        normalised = F.layer_norm(self.language.pool([ids]), (self._lang_dim,))
-        budget_hidden = self._act(F.linear(torch.tensor([self.sinusoidal(ratio)]), *self._budget_in))
+        if self._use_question:
+            ids = self.language.token_ids(question)
+            if not ids:
+                raise ValueError(f"the question has no tokens: {question!r}")
+            normalised = F.layer_norm(self.language.pool([ids]), (self._lang_dim,))
+        else:  # the budget-only ablation reads zeros (their LayerNorm is zero too)
+            normalised = torch.zeros(1, self._lang_dim)
+        budget_hidden = self._act(F.linear(torch.tensor([self.sinusoidal(ratio, price)]), *self._budget_in))
         return self._act(F.linear(torch.cat([normalised, budget_hidden], dim=1), self._shared, self._shared_bias))
 
     def stage1(self, shared: torch.Tensor, fitting) -> tuple[int, int]:
@@ -215,9 +225,9 @@ class GreedyDecider:
         )
 
     @torch.inference_mode()
-    def decide(self, question: str, budget_ms: float, reserve_ms: float = 0.0) -> KnobConfig:
-        """Mode B: all four knobs for one request, before the model runs."""
-        fitting = self.fitting(budget_ms - reserve_ms)
-        shared = self.features(question, budget_ms)
+    def decide(self, question: str, budget_ms: float, price: float = 0.0) -> KnobConfig:
+        """Mode B: all four knobs for one request (budget ``inf``: none), before the model runs."""
+        fitting = self.fitting(budget_ms)
+        shared = self.features(question, budget_ms, price)
         tier, position = self.stage1(shared, fitting)
         return self.knobs(tier, position, *self.stage2(tier, position, fitting, shared))

@@ -123,7 +123,9 @@ class StaticPolicy:
         knobs = [self.choose_one(b, s) for b, s in zip(budgets.tolist(), samples)]
         return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
 
-    def serve_one(self, vlm, image, question: str, budget_ms: float, answer_tokens: int) -> tuple[str, KnobConfig]:
+    def serve_one(
+        self, vlm, image, question: str, budget_ms: float, answer_tokens: int, price: float = 0.0
+    ) -> tuple[str, KnobConfig]:
         knobs = self.choose_one(budget_ms)
         return vlm.generate([image], [question], knobs, answer_tokens).answers[0], knobs
 
@@ -253,7 +255,8 @@ class ControllerPolicy:
         self.guard = BudgetGuard(table, vlm.knob_space, quantile) if controller.config.budget_guard else None
         self.mode = "B" if controller.config.mode == "B" else "A-resumable"
         self.language = LanguageFeatureExtractor(vlm.input_embeddings, vlm.tokenizer)
-        self.name = name or f"controller (Mode {controller.config.mode})"
+        kind = "controller" if controller.config.use_question else "budget-only controller"
+        self.name = name or f"{kind} (Mode {controller.config.mode})"
         self._decider = None
 
     def choose(self, vlm, samples, images, budgets):
@@ -275,8 +278,8 @@ class ControllerPolicy:
         return self._decider
 
     @torch.inference_mode()
-    def decide(self, question: str, budget_ms: float, stage2: bool = True) -> tuple[int, ...]:
-        """The controller's decision for one request, as option indices.
+    def decide(self, question: str, budget_ms: float, stage2: bool = True, price: float = 0.0) -> tuple[int, ...]:
+        """The controller's decision for one request (budget ``inf``: none; a latency price), as option indices.
 
         Mode B: (tier, position, top_k, blocks). Mode A: (tier, position) only, since its
         Stage 2 reads the latency token during the forward; with ``stage2`` it also runs
@@ -284,7 +287,7 @@ class ControllerPolicy:
         """
         decider = self.decider
         fitting = decider.fitting(budget_ms)
-        shared = decider.features(question, budget_ms)
+        shared = decider.features(question, budget_ms, price)
         tier, position = decider.stage1(shared, fitting)
         if self.mode == "B":
             return (tier, position, *decider.stage2(tier, position, fitting, shared))
@@ -293,10 +296,12 @@ class ControllerPolicy:
             decider.stage2(tier, position, fitting, latency_token=blank)
         return tier, position
 
-    def serve_one(self, vlm, image, question: str, budget_ms: float, answer_tokens: int) -> tuple[str, KnobConfig]:
+    def serve_one(
+        self, vlm, image, question: str, budget_ms: float, answer_tokens: int, price: float = 0.0
+    ) -> tuple[str, KnobConfig]:
         decider = self.decider
         start = time.perf_counter()
-        choice = self.decide(question, budget_ms, stage2=False)
+        choice = self.decide(question, budget_ms, stage2=False, price=price)
         # Recorded for the serving report: the controller's share of the wall clock.
         self.last_decision_ms = (time.perf_counter() - start) * 1000.0
         if self.mode == "B":
@@ -313,9 +318,10 @@ class ControllerPolicy:
             return [space.top_k_options[top_k]], [space.all_block_options[blocks]]
 
         ratio = torch.tensor([budget_ms / self.table.reference_ms], dtype=torch.float64)
+        prices = torch.tensor([price], dtype=torch.float64) if self.controller.config.max_price > 0 else None
         out = vlm.generate(
             [image], [question], None, answer_tokens,
-            probe_embeddings=self.controller.probe_embeddings(ratio), decide=at_pause,
+            probe_embeddings=self.controller.probe_embeddings(ratio, prices), decide=at_pause,
             stage1=[(space.tiers[tier], space.insertion_positions[position])],
         )
         return out.answers[0], out.knobs[0]

@@ -100,11 +100,20 @@ class BudgetOutOfRangeWarning(UserWarning):
 
 
 class LatencyBudgetEncoder(nn.Module):
-    """``budget_feat`` (N, out_dim): a sinusoidal encoding of the normalised budget, then an MLP.
+    """``budget_feat`` (N, out_dim): a sinusoidal encoding of the normalised budget (and the
+    latency price), then an MLP.
 
     The budget arrives *relative to the serving machine's full-configuration latency*
     (``LatencyTable.relative``: 0.75 = three quarters of what the whole model takes
     here), so the same controller means the same thing on a machine 4x slower or faster.
+    ``inf`` means no per-request budget (the average-latency mode): it is encoded as the
+    top of the range, where every configuration fits.
+
+    With ``max_price > 0`` the controller also reads a *latency price* lambda >= 0
+    (``knoblib.reward``: the reward pays ``lambda * latency / full latency``), encoded the
+    same way as ``v = lambda / max_price`` (clamped to [0, 1]) and concatenated: a stream
+    served at a target *mean* latency sets the price (``knoblib.plane.find_price``), a
+    request with only a budget has price 0.
 
     Args:
         budget_range: (lo, hi), the relative budgets the controller is trained on;
@@ -116,6 +125,7 @@ class LatencyBudgetEncoder(nn.Module):
         hidden_dim: width of the MLP's hidden layer.
         out_dim: width of ``budget_feat``.
         hidden_act: the MLP's activation (``knoblib.controller.ACTIVATIONS``).
+        max_price: the largest latency price trained on; 0 = no price input.
     """
 
     def __init__(
@@ -125,6 +135,7 @@ class LatencyBudgetEncoder(nn.Module):
         hidden_dim: int = 64,
         out_dim: int = 64,
         hidden_act: str = "gelu_tanh",
+        max_price: float = 0.0,
     ) -> None:
         from .controller import activation
 
@@ -137,7 +148,10 @@ class LatencyBudgetEncoder(nn.Module):
         for name, value in (("num_frequencies", num_frequencies), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+        if not (isinstance(max_price, (int, float)) and math.isfinite(max_price) and max_price >= 0):
+            raise ValueError(f"max_price={max_price!r} is invalid: must be a finite number >= 0")
         self.budget_range = (lo, hi)
+        self.max_price = float(max_price)
         self.num_frequencies = num_frequencies
         self.out_dim = out_dim
         self.warned = False
@@ -154,23 +168,27 @@ class LatencyBudgetEncoder(nn.Module):
         # buffers uninitialised.
         self.frequencies = [(math.pi / 2) * 2.0**i for i in range(num_frequencies)]
         self.mlp = nn.Sequential(
-            nn.Linear(2 * num_frequencies + 1, hidden_dim),
+            nn.Linear(self.encoding_dim, hidden_dim),
             activation(hidden_act),
             nn.Linear(hidden_dim, out_dim),
         )
 
     @property
     def encoding_dim(self) -> int:
-        """2F + 1, the width of ``sinusoidal``."""
-        return 2 * self.num_frequencies + 1
+        """The width of ``sinusoidal``: 2F + 1 for the budget, as much again for the price."""
+        return (2 if self.max_price > 0 else 1) * (2 * self.num_frequencies + 1)
 
     def normalise(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """u = (r - lo) / (hi - lo) clamped to [0, 1], (N,); ValueError for non-finite or non-positive budgets."""
-        ratios = _as_budgets(budget_ratio).to(self.mlp[0].weight.device)
+        """u = (r - lo) / (hi - lo) clamped to [0, 1], (N,); ``inf`` (no budget) is 1.
+
+        ValueError for NaN or non-positive budgets.
+        """
+        ratios = _as_budgets(budget_ratio, allow_inf=True).to(self.mlp[0].weight.device)
         lo, hi = self.budget_range
         u = (ratios - lo) / (hi - lo)
-        # A hair of slack: a float32 budget at the range's edge rounds just outside it.
-        outside = (u < -1e-6) | (u > 1 + 1e-6)
+        # A hair of slack: a float32 budget at the range's edge rounds just outside it. No
+        # budget at all (inf) is not "outside": it is the average-latency mode.
+        outside = ((u < -1e-6) | (u > 1 + 1e-6)) & torch.isfinite(ratios)
         if not self.warned and bool(outside.any()):
             self.warned = True
             value = float(ratios[outside][0])
@@ -183,19 +201,47 @@ class LatencyBudgetEncoder(nn.Module):
             )
         return u.clamp(0.0, 1.0)
 
-    def sinusoidal(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """[u, sin(w_i u), cos(w_i u)] for w_i = 2^i pi / 2, i < F: (N, 2F + 1), no parameters."""
-        u = self.normalise(budget_ratio)[:, None]
-        angles = u * torch.tensor(self.frequencies, dtype=u.dtype, device=u.device)
-        # Computed in float64 (budgets are), returned in the MLP's dtype.
-        return torch.cat([u, torch.sin(angles), torch.cos(angles)], dim=-1).to(self.mlp[0].weight.dtype)
+    def normalise_price(self, price: torch.Tensor | Sequence[float] | None, n: int) -> torch.Tensor:
+        """v = lambda / max_price clamped to [0, 1], (n,); None is price 0."""
+        device = self.mlp[0].weight.device
+        if price is None:
+            return torch.zeros(n, dtype=torch.float64, device=device)
+        price = torch.as_tensor(price, dtype=torch.float64, device=device).reshape(-1)
+        if price.shape[0] != n:
+            raise ValueError(f"got {price.shape[0]} prices for {n} budgets: give one per request")
+        if bool((~torch.isfinite(price) | (price < 0)).any()):
+            raise ValueError(f"prices must be finite and >= 0, got {price.tolist()[:5]}")
+        return (price / self.max_price).clamp(0.0, 1.0)
 
-    def forward(self, budget_ratio: torch.Tensor | Sequence[float]) -> torch.Tensor:
-        """``budget_feat`` (N, out_dim) for budgets (N,) as fractions of the full configuration's latency."""
+    def _waves(self, x: torch.Tensor) -> torch.Tensor:
+        angles = x[:, None] * torch.tensor(self.frequencies, dtype=x.dtype, device=x.device)
+        return torch.cat([x[:, None], torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    def sinusoidal(
+        self, budget_ratio: torch.Tensor | Sequence[float], price: torch.Tensor | Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """[u, sin(w_i u), cos(w_i u)] (and the same of v, the price) for w_i = 2^i pi / 2, i < F.
+
+        (N, encoding_dim), no parameters. A price given to a controller without a price
+        input is refused.
+        """
+        u = self.normalise(budget_ratio)
+        parts = [self._waves(u)]
+        if self.max_price > 0:
+            parts.append(self._waves(self.normalise_price(price, u.shape[0])))
+        elif price is not None and bool((torch.as_tensor(price) != 0).any()):
+            raise ValueError("this controller has no price input (max_price=0): it serves per-request budgets only")
+        # Computed in float64 (budgets are), returned in the MLP's dtype.
+        return torch.cat(parts, dim=-1).to(self.mlp[0].weight.dtype)
+
+    def forward(
+        self, budget_ratio: torch.Tensor | Sequence[float], price: torch.Tensor | Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """``budget_feat`` (N, out_dim) for budgets (N,) as fractions of the full configuration's latency
+        (``inf``: none) and latency prices (N,) (None: 0)."""
         from .controller import apply
 
-        features = self.sinusoidal(budget_ratio)
-        return apply(self.mlp, features.to(self.mlp[0].weight.dtype))
+        return apply(self.mlp, self.sinusoidal(budget_ratio, price))
 
 
 class BudgetProbe(nn.Module):

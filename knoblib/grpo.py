@@ -50,7 +50,7 @@ from .vlm import KnobVLM
 
 MODES = ("A-naive", "A-resumable", "B")
 SCALE_REWARDS = ("group", "batch", "none")
-WARM_START_TEACHERS = ("table", "family-table")
+WARM_START_TEACHERS = ("correctness", "oracle", "table", "family-table")
 CHECKPOINT_FORMAT = "knoblib-grpo-checkpoint"
 # On resume, ``steps`` may change freely (it only says where training stops); the warm
 # start acts only when a run starts, so changing its settings on resume would record
@@ -90,6 +90,13 @@ class GRPOConfig:
             (``knoblib.guard``), in sampling and in the log-probabilities.
         guard_quantile: the latency quantile the guard holds each configuration to
             (one the latency table keeps; ``knoblib.guard.DEFAULT_QUANTILE``).
+        average_fraction: share of training requests served the average-latency way: no
+            per-request budget, a latency price drawn uniformly from [0, max_price]
+            (``knoblib.reward``); the rest get a budget and price 0.
+        max_price: the largest latency price trained on (the controller's
+            ``config.max_price``); 0 trains per-request budgets only.
+        use_question: False trains the budget-only ablation (the controller's
+            ``config.use_question``): what the question adds over the budget and price.
         val_every: steps between validations (0 = never during training).
         val_size: validation requests (each paired with budgets from the sweep).
         val_budgets: budgets in the validation sweep.
@@ -99,8 +106,15 @@ class GRPOConfig:
             (``JointGRPOTrainer.warm_start``; Mode B only; 0 = start from scratch). The
             ``train`` command runs them when it starts a fresh run.
         warm_start_entropy: entropy bonus during the warm start (keeps GRPO exploring).
-        warm_start_teacher: ``table`` (the static lookup table) or ``family-table`` (the
-            most accurate configuration for the request's family; ``FamilyTablePolicy``).
+        warm_start_teacher: whom the warm start fits, all from measured accuracies:
+            ``correctness`` (the default; Mode B): the expected reward of every
+            configuration on training questions, from their per-sample correctness
+            (``JointGRPOTrainer.fit_to_correctness``); ``oracle``: clone, per training
+            question and budget, the cheapest configuration that answers it right within
+            the budget (``oracle_teacher``); ``table``: the static lookup table;
+            ``family-table``: the most accurate configuration for the request's family
+            (reads the synthetic data's family label: an analysis bound, not a teacher
+            a user could compute).
     """
 
     mode: str = "B"
@@ -119,6 +133,9 @@ class GRPOConfig:
     budget_margin: float = 0.1
     budget_guard: bool = True
     guard_quantile: float = DEFAULT_QUANTILE
+    average_fraction: float = 0.0
+    max_price: float = 0.0
+    use_question: bool = True
     val_every: int = 250
     val_size: int = 200
     val_budgets: int = 8
@@ -126,7 +143,7 @@ class GRPOConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     warm_start_steps: int = 0
     warm_start_entropy: float = 0.5
-    warm_start_teacher: str = "table"
+    warm_start_teacher: str = "correctness"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -146,10 +163,18 @@ class GRPOConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} is invalid: must be >= 0")
+        if not (0 <= self.average_fraction <= 1):
+            raise ValueError(f"average_fraction={self.average_fraction} is invalid: must be in [0, 1]")
+        if not (math.isfinite(self.max_price) and self.max_price >= 0):
+            raise ValueError(f"max_price={self.max_price} is invalid: must be finite and >= 0")
+        if self.average_fraction > 0 and self.max_price == 0:
+            raise ValueError("average_fraction > 0 needs max_price > 0: the average-latency mode is steered by a price")
         if not (isinstance(self.guard_quantile, float) and 0.5 <= self.guard_quantile < 1):
             raise ValueError(f"guard_quantile={self.guard_quantile!r} is invalid: a float in [0.5, 1)")
         if self.warm_start_teacher not in WARM_START_TEACHERS:
             raise ValueError(f"warm_start_teacher={self.warm_start_teacher!r} is invalid: allowed {list(WARM_START_TEACHERS)}")
+        if not isinstance(self.use_question, bool):
+            raise ValueError(f"use_question={self.use_question!r} is invalid: must be True or False")
         if self.warm_start_steps and self.mode != "B":
             raise ValueError(f"warm_start_steps={self.warm_start_steps} needs mode 'B' (got {self.mode!r})")
         if isinstance(self.reward, dict):
@@ -168,8 +193,9 @@ class Rollouts:
     Attributes:
         decisions: the sampled knob indices (N,) each.
         knobs: the same as ``KnobConfig`` objects.
-        lang_feat: (N, d) question features; budgets: (N,) ms on this machine;
-            budget_ratio: (N,) the same relative to the full configuration's latency.
+        lang_feat: (N, d) question features; budgets: (N,) ms on this machine (``inf``: no
+            per-request budget); budget_ratio: (N,) the same relative to the full
+            configuration's latency; prices: (N,) latency prices (0 for a per-request budget).
         mask: (N, T, P, K, NB) the budget guard's feasibility mask, or None.
         latency_tokens: (N, d) Mode-A latency tokens, or None in Mode B.
         old_log_prob: (N,) joint log-prob under the policy that sampled.
@@ -182,6 +208,7 @@ class Rollouts:
     lang_feat: torch.Tensor
     budgets: torch.Tensor
     budget_ratio: torch.Tensor
+    prices: torch.Tensor
     mask: torch.Tensor | None
     latency_tokens: torch.Tensor | None
     old_log_prob: torch.Tensor
@@ -229,11 +256,13 @@ def run_controller(
     generator: torch.Generator | None = None,
     greedy: bool = False,
     guard: BudgetGuard | None = None,
+    prices: torch.Tensor | None = None,
 ) -> ControlledRun:
     """Let the controller pick each row's knobs (sampled or greedy) and run the VLM with them.
 
-    ``budgets`` (N,) are milliseconds on this machine; the controller sees them relative to
-    ``table``'s full-configuration latency. ``mode`` is how Stage 2 gets its input and how
+    ``budgets`` (N,) are milliseconds on this machine (``inf``: no per-request budget); the
+    controller sees them relative to ``table``'s full-configuration latency, with the
+    latency ``prices`` (N,) (None: 0). ``mode`` is how Stage 2 gets its input and how
     the VLM is executed (see the module docstring): ``B`` decides everything first and runs
     one batched generate; ``A-resumable`` pauses each row's forward at its p; ``A-naive``
     runs a separate partial forward first (counted as extra forwards). With a ``guard``,
@@ -241,14 +270,14 @@ def run_controller(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid: allowed {list(MODES)}")
-    budgets = _as_budgets(budgets).double()
+    budgets = _as_budgets(budgets, allow_inf=True).double()
     if len(budgets) != len(questions):
         raise ValueError(f"got {len(budgets)} budgets for {len(questions)} questions: give one per request")
     space = vlm.knob_space
     n = len(questions)
     lang = language(questions)
     ratio = table.relative(budgets)
-    budget_feat = controller.encode_budget(ratio)
+    budget_feat = controller.encode_budget(ratio, prices)
     mask = None if guard is None else guard.mask(budgets)
     tier, pos = controller.sample_stage1(lang, budget_feat, mask, generator=generator, greedy=greedy)
     stage1 = [(space.tiers[t], space.insertion_positions[p]) for t, p in zip(tier.tolist(), pos.tolist())]
@@ -261,7 +290,7 @@ def run_controller(
         decisions = Decisions(tier, pos, topk, blocks)
         out = vlm.generate(images, questions, decisions.to_knobs(space), answer_tokens)
     elif mode == "A-naive":
-        probe = controller.probe_embeddings(ratio)
+        probe = controller.probe_embeddings(ratio, prices)
         latency_tokens = vlm.partial_forward(images, questions, stage1, probe)
         partial = n
         topk, blocks = controller.sample_stage2(
@@ -273,7 +302,7 @@ def run_controller(
         decider = ModeADecider(controller, tier, pos, mask, generator=generator, greedy=greedy)
         out = vlm.generate(
             images, questions, None, answer_tokens,
-            probe_embeddings=controller.probe_embeddings(ratio), decide=decider, stage1=stage1,
+            probe_embeddings=controller.probe_embeddings(ratio, prices), decide=decider, stage1=stage1,
         )
         latency_tokens = decider.latency_tokens
         decisions = decider.decisions()
@@ -379,6 +408,11 @@ class JointGRPOTrainer:
                 f"controller budget_guard={controller.config.budget_guard} does not match training "
                 f"budget_guard={cfg.budget_guard}"
             )
+        if controller.config.max_price != cfg.max_price or controller.config.use_question != cfg.use_question:
+            raise ValueError(
+                f"controller max_price={controller.config.max_price}, use_question={controller.config.use_question} "
+                f"do not match training max_price={cfg.max_price}, use_question={cfg.use_question}"
+            )
         table.check_space(vlm.knob_space)
         if controller.knob_space != vlm.knob_space:
             raise ValueError(f"controller knob space {controller.knob_space} differs from the VLM's {vlm.knob_space}")
@@ -417,22 +451,45 @@ class JointGRPOTrainer:
             self._images[sample.uid] = sample.image()
         return self._images[sample.uid]
 
-    def next_batch(self) -> tuple[list[VQASample], torch.Tensor]:
-        """B requests (cycling through shuffled epochs) and their budgets (B,) ms."""
+    def next_batch(self) -> tuple[list[VQASample], torch.Tensor, torch.Tensor]:
+        """B requests (cycling through shuffled epochs), their budgets (B,) ms and prices (B,)."""
         while len(self.order) < self.cfg.batch_size:
             fresh = list(range(len(self.train_samples)))
             self.data_rng.shuffle(fresh)
             self.order += fresh
         idx, self.order = self.order[: self.cfg.batch_size], self.order[self.cfg.batch_size :]
-        return [self.train_samples[i] for i in idx], self.budgets.sample(len(idx))
+        budgets, prices = self.request_conditions(len(idx), self.budgets.generator)
+        return [self.train_samples[i] for i in idx], budgets, prices
+
+    def request_conditions(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(budgets (n,) ms, prices (n,)): a share ``average_fraction`` with no budget (inf) and a
+        uniform price in [0, max_price], the others a budget from the sampler and price 0."""
+        budgets = self.budgets.low + torch.rand(n, generator=generator, dtype=torch.float64) * (
+            self.budgets.high - self.budgets.low
+        )
+        prices = torch.zeros(n, dtype=torch.float64)
+        if self.cfg.average_fraction > 0:
+            average = torch.rand(n, generator=generator, dtype=torch.float64) < self.cfg.average_fraction
+            drawn = torch.rand(n, generator=generator, dtype=torch.float64) * self.cfg.max_price
+            budgets = torch.where(average, torch.full_like(budgets, math.inf), budgets)
+            prices = torch.where(average, drawn, prices)
+        return budgets, prices
+
+    def _price(self, prices: torch.Tensor) -> torch.Tensor | None:
+        """The prices for the controller's encoder (None for a controller without a price input)."""
+        return prices if self.controller.config.max_price > 0 else None
 
     # --- rollouts -----------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, samples: list[VQASample], budgets: torch.Tensor, greedy: bool = False, group_size=None):
+    def rollout(
+        self, samples: list[VQASample], budgets: torch.Tensor, greedy: bool = False, group_size=None,
+        prices: torch.Tensor | None = None,
+    ):
         """Sample G configurations per request, run the VLM with each and score them."""
         G = self.cfg.group_size if group_size is None else group_size
         rows = [s for s in samples for _ in range(G)]
-        budgets = budgets.repeat_interleave(G)
+        budgets = torch.as_tensor(budgets, dtype=torch.float64).repeat_interleave(G)
+        prices = torch.zeros_like(budgets) if prices is None else torch.as_tensor(prices, dtype=torch.float64).repeat_interleave(G)
         run = run_controller(
             self.vlm,
             self.controller,
@@ -446,10 +503,11 @@ class JointGRPOTrainer:
             generator=None if greedy else self.generator,
             greedy=greedy,
             guard=self.guard,
+            prices=prices if self.controller.config.max_price > 0 else None,
         )
         correct = torch.tensor([a == s.answer for a, s in zip(run.answers, rows)])
         latency_ms = self.table.latencies(run.knobs)
-        reward, _ = compute_reward(correct, latency_ms, budgets, self.cfg.reward)
+        reward, _ = compute_reward(correct, latency_ms, budgets, self.cfg.reward, prices, self.table.reference_ms)
         old_log_prob, _ = self.controller.evaluate_actions(
             run.decisions, run.lang_feat, run.budget_feat, run.mask, run.latency_tokens
         )
@@ -459,6 +517,7 @@ class JointGRPOTrainer:
             run.lang_feat,
             budgets,
             self.table.relative(budgets),
+            prices,
             run.mask,
             run.latency_tokens,
             old_log_prob,
@@ -470,14 +529,19 @@ class JointGRPOTrainer:
         )
 
     # --- one step -----------------------------------------------------------------
-    def train_step(self, batch: tuple[list[VQASample], torch.Tensor] | None = None) -> dict:
-        """One joint GRPO step; returns its metrics (also appended to ``history``)."""
+    def train_step(self, batch: tuple | None = None) -> dict:
+        """One joint GRPO step; returns its metrics (also appended to ``history``).
+
+        ``batch``: (samples, budgets (B,) ms) or (samples, budgets, prices (B,)); default
+        ``next_batch()``.
+        """
         start = time.perf_counter()
-        samples, budgets = self.next_batch() if batch is None else batch
+        samples, budgets, *rest = self.next_batch() if batch is None else batch
+        prices = rest[0] if rest else None
         if len(samples) != len(budgets):
             raise ValueError(f"batch has {len(samples)} samples but {len(budgets)} budgets")
         self.controller.eval()
-        ro = self.rollout(samples, budgets)
+        ro = self.rollout(samples, budgets, prices=prices)
         rollout_s = time.perf_counter() - start
         cfg = self.cfg
         advantages, zero_std = group_advantages(ro.reward, cfg.group_size, cfg.scale_rewards)
@@ -487,14 +551,14 @@ class JointGRPOTrainer:
         ref_log_prob = None
         if self.reference is not None:
             with torch.no_grad():
-                ref_feat = self.reference.encode_budget(ro.budget_ratio)
+                ref_feat = self.reference.encode_budget(ro.budget_ratio, self._price(ro.prices))
                 ref_log_prob, _ = self.reference.evaluate_actions(
                     ro.decisions, ro.lang_feat, ref_feat, ro.mask, ro.latency_tokens
                 )
         self.controller.train()
         stats: dict = {}
         for _ in range(cfg.inner_iterations):
-            budget_feat = self.controller.encode_budget(ro.budget_ratio)
+            budget_feat = self.controller.encode_budget(ro.budget_ratio, self._price(ro.prices))
             log_prob, entropies = self.controller.evaluate_actions(
                 ro.decisions, ro.lang_feat, budget_feat, ro.mask, ro.latency_tokens
             )
@@ -508,13 +572,16 @@ class JointGRPOTrainer:
         self.controller.eval()
         self.step_count += 1
         violation = ro.latency_ms > ro.budgets
+        capped = torch.isfinite(ro.budgets)
         metrics = {
             "step": self.step_count,
             "mode": cfg.mode,
             "reward_mean": float(ro.reward.mean()),
             "reward_std": float(ro.reward.std()),
             "accuracy": float(ro.correct.float().mean()),
-            "latency_over_budget": float((ro.latency_ms / ro.budgets).mean()),
+            # Over the requests that have a budget (the average-latency ones have none).
+            "latency_over_budget": float((ro.latency_ms / ro.budgets)[capped].mean()) if bool(capped.any()) else 0.0,
+            "mean_latency_over_full": float((ro.latency_ms / self.table.reference_ms).mean()),
             "violation_rate": float(violation.float().mean()),
             **{f"entropy_{k}": float(v.detach().mean()) for k, v in entropies.items()},
             "clip_fraction": stats["clip_fraction"],
@@ -604,30 +671,155 @@ class JointGRPOTrainer:
             self.reference.load_state_dict(self.controller.state_dict())
         return losses
 
+    # --- fitting to per-sample correctness ------------------------------------------------
+    def fit_to_correctness(
+        self,
+        correctness,
+        steps: int,
+        batch_size: int = 64,
+        lr: float = 3e-3,
+        entropy_coef: float = 0.0,
+        seed: int | None = None,
+    ) -> list[float]:
+        """Warm start from per-sample correctness: maximise the expected reward over every configuration.
+
+        ``correctness`` (``knoblib.correctness.Correctness``, measured on training questions)
+        says which configurations answer each question right. For a question, a budget and
+        a price, the reward of *every* configuration is then known without running the
+        model, so the controller's expected reward ``sum_c pi(c | x) r(x, c)`` can be
+        maximised exactly: a full-information policy gradient over the 54 configurations,
+        instead of GRPO's 5 sampled ones. Requests are drawn as GRPO draws them (budgets,
+        prices) under the same budget guard. It needs answers, not the family labels of
+        the synthetic data, so a user can compute it on their own data.
+
+        Why not clone the per-sample oracle (the cheapest configuration that answers each
+        question right): for a question family that a cheap configuration answers right
+        only sometimes (``count``: 57 % at the cheapest configuration, 89 % at the full
+        one), the oracle's label is the cheap configuration for most of those questions
+        and an expensive one for the rest; a clone's most likely choice is then the cheap
+        one, 30 points below what the family needs. The expected reward weighs each
+        configuration by how often it is right, which is what serving it will earn.
+
+        Mode B only (Mode A's Stage 2 needs a latency token from a VLM forward per question,
+        budget and p). Uses its own seeded generators, resets Adam afterwards and, with
+        ``kl_coef > 0``, makes the fitted controller the KL reference. Returns the
+        negative expected reward per step.
+        """
+        from .guard import open_mask
+
+        if self.controller.config.mode != "B":
+            raise ValueError("fit_to_correctness needs a Mode-B controller: Mode A's Stage 2 reads latency tokens")
+        if self.step_count:
+            raise ValueError(f"fit_to_correctness must run before GRPO (this trainer is at step {self.step_count})")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"fit_to_correctness needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}")
+        space = self.space
+        missing = [k.short() for k in space if k not in set(correctness.configs)]
+        if missing:
+            raise ValueError(f"the correctness table lacks configurations {missing[:3]}: measure the whole knob space")
+        # Each configuration's place in the (T, P, K, NB) grid, its latency and its column.
+        grid = [
+            (
+                space.tiers.index(k.tier),
+                space.insertion_positions.index(k.insertion_position),
+                space.top_k_options.index(k.top_k),
+                space.all_block_options.index(k.num_active_blocks),
+            )
+            for k in space
+        ]
+        index = tuple(torch.tensor(axis) for axis in zip(*grid))
+        columns = torch.tensor([correctness.column(k) for k in space])
+        latency = self.table.latencies(list(space))
+        by_uid = {s.uid: s for s in self.train_samples}
+        rows = [r for r, uid in enumerate(correctness.uids) if uid in by_uid]
+        if not rows:
+            raise ValueError("none of the correctness table's questions is in the training pool")
+        seed = self.cfg.seed + 2 if seed is None else seed
+        rng = random.Random(seed)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(self.controller.parameters(), lr=lr)
+        shape = (len(space.tiers), len(space.insertion_positions), len(space.top_k_options), len(space.all_block_options))
+        valid = torch.zeros(shape, dtype=torch.bool)
+        valid[index] = True
+        self.controller.train()
+        losses = []
+        for _ in range(steps):
+            picked = rng.sample(rows, min(batch_size, len(rows)))
+            n = len(picked)
+            budgets, prices = self.request_conditions(n, generator)
+            correct = correctness.correct[picked][:, columns].float()  # (n, C)
+            reward, _ = compute_reward(
+                correct.reshape(-1),
+                latency.repeat(n),
+                budgets.repeat_interleave(len(space)),
+                self.cfg.reward,
+                prices.repeat_interleave(len(space)),
+                self.table.reference_ms,
+            )
+            reward_grid = torch.zeros(n, *shape)
+            reward_grid[(slice(None), *index)] = reward.view(n, -1)
+            mask = (self.guard.mask(budgets) if self.guard is not None else open_mask(space, n)) & valid
+            lang = self.language([by_uid[correctness.uids[r]].question for r in picked])
+            budget_feat = self.controller.encode_budget(self.table.relative(budgets), self._price(prices))
+            log_prob = self.controller.joint_log_probs(lang, budget_feat, mask)  # (n, T, P, K, NB)
+            prob = log_prob.exp()
+            expected = (prob * reward_grid).flatten(1).sum(1)
+            entropy = -(prob * log_prob.masked_fill(~torch.isfinite(log_prob), 0.0)).flatten(1).sum(1)
+            loss = -expected.mean() - entropy_coef * entropy.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.cfg.max_grad_norm)
+            optimizer.step()
+            losses.append(float(-expected.detach().mean()))
+        self.controller.eval()
+        self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=self.cfg.lr)
+        if self.reference is not None:
+            self.reference.load_state_dict(self.controller.state_dict())
+        return losses
+
     # --- validation ---------------------------------------------------------------
     def val_budgets(self) -> torch.Tensor:
         return self.budgets.sweep(self.cfg.val_budgets)
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Greedy decisions on the validation requests, each at every sweep budget (deterministic)."""
-        sweep = self.val_budgets()
-        results = {"correct": [], "violation": [], "ratio": [], "reward": []}
-        for budget in sweep.tolist():
+        """Greedy decisions on the validation requests (deterministic).
+
+        Per-request mode: each request at every sweep budget. With a price input, also the
+        average-latency mode: each request without a budget at three prices in (0, max_price].
+        ``val_reward`` averages both.
+        """
+        conditions = [(budget, 0.0) for budget in self.val_budgets().tolist()]
+        if self.cfg.max_price > 0:
+            conditions += [(math.inf, float(p)) for p in torch.linspace(0, self.cfg.max_price, 4)[1:]]
+        results = {"correct": [], "violation": [], "ratio": [], "reward": [], "average_correct": [], "average_latency": []}
+        for budget, price in conditions:
             for start in range(0, len(self.val_samples), 32):
                 chunk = self.val_samples[start : start + 32]
-                ro = self.rollout(chunk, torch.full((len(chunk),), budget, dtype=torch.float64), greedy=True, group_size=1)
-                results["correct"].append(ro.correct.float())
-                results["violation"].append((ro.latency_ms > ro.budgets).float())
-                results["ratio"].append(ro.latency_ms / ro.budgets)
+                n = len(chunk)
+                ro = self.rollout(
+                    chunk, torch.full((n,), budget, dtype=torch.float64), greedy=True, group_size=1,
+                    prices=torch.full((n,), price, dtype=torch.float64),
+                )
                 results["reward"].append(ro.reward)
-        cat = {k: torch.cat(v) for k, v in results.items()}
-        return {
+                if math.isfinite(budget):
+                    results["correct"].append(ro.correct.float())
+                    results["violation"].append((ro.latency_ms > ro.budgets).float())
+                    results["ratio"].append(ro.latency_ms / ro.budgets)
+                else:
+                    results["average_correct"].append(ro.correct.float())
+                    results["average_latency"].append(ro.latency_ms / self.table.reference_ms)
+        cat = {k: torch.cat(v) for k, v in results.items() if v}
+        metrics = {
             "val_accuracy": float(cat["correct"].mean()),
             "val_violation_rate": float(cat["violation"].mean()),
             "val_latency_over_budget": float(cat["ratio"].mean()),
             "val_reward": float(cat["reward"].mean()),
         }
+        if "average_correct" in cat:
+            metrics["val_average_accuracy"] = float(cat["average_correct"].mean())
+            metrics["val_average_latency_over_full"] = float(cat["average_latency"].mean())
+        return metrics
 
     # --- the loop -----------------------------------------------------------------
     def train(self, out_dir: str | Path | None = None, progress: bool = True, callback=None) -> list[dict]:

@@ -698,11 +698,13 @@ def profile_latency(
 
 
 # --- budgets ------------------------------------------------------------------------
-def check_budgets(budgets: torch.Tensor | Sequence[float]) -> torch.Tensor:
+def check_budgets(budgets: torch.Tensor | Sequence[float], allow_inf: bool = False) -> torch.Tensor:
     """Validate budgets (ms, or relative to the full configuration) and return them as a 1-D float64 tensor (N,).
 
     Every policy and the controller check budgets with this one function: strings, NaN,
-    infinities, zero and negative values are refused with the offending rows named.
+    infinities, zero and negative values are refused with the offending rows named. With
+    ``allow_inf``, ``inf`` is accepted: it means "no per-request budget" (the
+    average-latency mode), where every configuration fits.
     """
     if isinstance(budgets, str) or (isinstance(budgets, (list, tuple)) and any(isinstance(b, str) for b in budgets)):
         raise ValueError(f"budgets must be numbers, got strings: {budgets!r}")
@@ -721,7 +723,7 @@ def check_budgets(budgets: torch.Tensor | Sequence[float]) -> torch.Tensor:
         raise ValueError(f"budgets must be a 1-D tensor (N,), got shape {tuple(budgets.shape)}")
     if budgets.numel() == 0:
         raise ValueError("budgets is empty: give at least one budget")
-    bad = ~torch.isfinite(budgets) | (budgets <= 0)
+    bad = (torch.isnan(budgets) | (budgets <= 0)) if allow_inf else (~torch.isfinite(budgets) | (budgets <= 0))
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
         values = [float(budgets[r]) for r in rows[:5]]

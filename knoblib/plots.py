@@ -559,6 +559,60 @@ def plot_sweep(rows: Sequence[Any]) -> Figure:
     return fig
 
 
+PLANE_STYLES = {
+    "lookup table": {"color": "black", "ls": "--", "marker": "s"},
+    "static hull (random mix)": {"color": "black", "ls": "--", "marker": "s"},
+    "best single configuration": {"color": "grey", "ls": ":", "marker": "x"},
+    "random feasible": {"color": "grey", "ls": ":", "marker": "x"},
+    "full model": {"color": "grey", "ls": "-.", "marker": "+"},
+    "per-request oracle": {"color": "#999999", "ls": "-", "marker": "*", "alpha": 0.7},
+    "per-family oracle": {"color": "#bbbbbb", "ls": "-", "marker": "^", "alpha": 0.7},
+    "per-family mix (oracle)": {"color": "#bbbbbb", "ls": "-", "marker": "^", "alpha": 0.7},
+}
+
+
+def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",)) -> Figure:
+    """Every policy on the accuracy / mean-latency plane: per-request budgets (left), target mean latencies (right).
+
+    Args:
+        plane: ``knoblib.plane.evaluate_plane``'s result (or ``data/eval/plane.json``):
+            ``points`` (policy, kind, x, accuracy, mean_latency_ms), ``static`` (every
+            configuration: ms, accuracy, label) and ``hull``.
+        skip: policies left out of the figure.
+    """
+    points = [p for p in plane["points"] if p["policy"] not in skip]
+    if not points:
+        raise ValueError("plot_plane needs at least one point")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    static = plane.get("static", [])
+    cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    colors: dict[str, str] = {}
+    for ax, kind, title in (
+        (axes[0], "budget", "per-request budget: one point per budget"),
+        (axes[1], "target", "target mean latency: one point per target"),
+    ):
+        if static:
+            ax.scatter([s[0] for s in static], [100 * s[1] for s in static], s=10, color="#dddddd", label="fixed configurations")
+        if kind == "target" and plane.get("hull"):
+            hull = plane["hull"]
+            ax.plot([h[0] for h in hull], [100 * h[1] for h in hull], color="black", lw=1, alpha=0.4)
+        for policy in dict.fromkeys(p["policy"] for p in points if p["kind"] == kind):
+            pts = sorted((p for p in points if p["policy"] == policy and p["kind"] == kind), key=lambda p: p["x"])
+            style = dict(PLANE_STYLES.get(policy, {}))
+            if "color" not in style:
+                style["color"] = colors.setdefault(policy, next(cycle))
+                style.setdefault("marker", "o")
+                style["lw"] = 2
+            ax.plot([p["mean_latency_ms"] for p in pts], [100 * p["accuracy"] for p in pts], ms=4, label=policy, **style)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("mean latency (ms, this machine's table)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    return fig
+
+
 def plot_training_curves(
     history: Sequence[Mapping], keys: Sequence[str], by: str | None = None, x: str = "step", ncols: int = 3
 ) -> Figure:

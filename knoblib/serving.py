@@ -30,6 +30,7 @@ the same controller means the same thing on a machine 4x slower or faster.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -104,6 +105,7 @@ class Answer:
         table_latency_ms: the chosen configuration's median latency in this machine's table.
         unknown_words: words of the question the model's vocabulary does not know (they
             reach the model as ``<unk>``; the answer may be wrong).
+        price: the latency price it was served at (0 under a per-request budget).
     """
 
     text: str
@@ -113,6 +115,7 @@ class Answer:
     decision_ms: float
     table_latency_ms: float
     unknown_words: list[str] = field(default_factory=list)
+    price: float = 0.0
 
     @property
     def over_budget(self) -> bool:
@@ -129,6 +132,7 @@ class Answer:
             "decision_ms": round(self.decision_ms, 3),
             "table_latency_ms": round(self.table_latency_ms, 3),
             "unknown_words": list(self.unknown_words),
+            "price": self.price,
         }
 
 
@@ -254,14 +258,20 @@ class Server:
         slowdown = self.monitor.slowdown if self.monitor is not None else 1.0
         return max(budget_ms - self.reserve_ms, 1e-6) / slowdown
 
-    def serve(self, image: torch.Tensor, question: str, budget_ms: float, answer_tokens: int | None = None):
-        """(answer, knobs, wall-clock ms of decision + VLM, the decision's ms) for one request."""
+    def serve(
+        self, image: torch.Tensor, question: str, budget_ms: float, answer_tokens: int | None = None, price: float = 0.0
+    ):
+        """(answer, knobs, wall-clock ms of decision + VLM, the decision's ms) for one request.
+
+        ``budget_ms`` ``inf`` serves without a per-request budget (the average-latency mode,
+        steered by ``price``).
+        """
         answer_tokens = self.table.answer_tokens if answer_tokens is None else answer_tokens
-        budget = self.budget_for_table(budget_ms)
+        budget = self.budget_for_table(budget_ms) if math.isfinite(budget_ms) else math.inf
         # Above what the full configuration needs, nothing is gained by deciding: serve it.
-        policy = self.full if budget > self.full_ms else self.policy
+        policy = self.full if math.isfinite(budget) and budget > self.full_ms else self.policy
         start = time.perf_counter()
-        text, knobs = policy.serve_one(self.vlm, image, question, budget, answer_tokens)
+        text, knobs = policy.serve_one(self.vlm, image, question, budget, answer_tokens, price)
         total_ms = (time.perf_counter() - start) * 1000.0
         decision_ms = getattr(policy, "last_decision_ms", 0.0) if policy is self.policy else 0.0
         if self.monitor is not None:
@@ -361,20 +371,65 @@ class BudgetedVLM:
         served.server.warm_up([s.image() for s in samples], [s.question for s in samples])
         return served
 
+    def price_for(self, target_mean_latency_ms: float, validation: int = 400) -> float:
+        """The latency price at which this controller's mean latency on validation questions meets the target.
+
+        Found by bisection (``knoblib.plane.find_price``) on the first ``validation``
+        questions of the validation split, against this machine's table medians, and
+        cached per target.
+        """
+        from .assets import load_samples
+        from .plane import controller_choices, find_price
+
+        controller = self.policy.controller
+        if controller.config.max_price <= 0:
+            raise ValueError(
+                "this controller has no latency-price input (max_price=0): it serves per-request budgets only; "
+                "train one with `python -m knoblib train --max-price 2 --average-fraction 0.5`"
+            )
+        target = float(check_budgets([target_mean_latency_ms])[0])
+        cache = self.__dict__.setdefault("_prices", {})
+        if target not in cache:
+            samples = load_samples("val", validation)
+            if self.mode == "B":
+
+                def mean_latency(price: float) -> float:
+                    decide = self.policy.decide
+                    knobs = [self.policy.decider.knobs(*decide(s.question, math.inf, price=price)) for s in samples]
+                    return float(self.table.latencies(knobs).mean())
+            else:
+                inf = torch.full((len(samples),), math.inf, dtype=torch.float64)
+
+                def mean_latency(price: float) -> float:
+                    prices = torch.full((len(samples),), price, dtype=torch.float64)
+                    knobs = controller_choices(self.vlm, controller, samples, self.table, inf, prices, self.quantile)
+                    return float(self.table.latencies(knobs).mean())
+
+            cache[target] = find_price(mean_latency, target, controller.config.max_price, iterations=20)
+        return cache[target]
+
     def answer(
         self,
         images: Sequence,
         questions: Sequence[str],
-        budget_ms: float | Sequence[float],
+        budget_ms: float | Sequence[float] | None = None,
+        target_mean_latency_ms: float | None = None,
     ) -> list[Answer]:
-        """Serve each request on its own under its budget; one ``Answer`` per request, in order.
+        """Serve each request on its own; one ``Answer`` per request, in order.
+
+        Give either ``budget_ms`` (a per-request cap) or ``target_mean_latency_ms`` (the
+        stream's mean latency; a request may take more or less: served at the latency price
+        that meets the target on validation, ``price_for``).
 
         Args:
             images: one image per request (see :func:`load_image` for the accepted kinds).
             questions: one question (str) per request.
             budget_ms: one budget in milliseconds for all requests, or one per request;
                 each finite and > 0.
+            target_mean_latency_ms: a target mean latency in milliseconds (> 0).
         """
+        if (budget_ms is None) == (target_mean_latency_ms is None):
+            raise ValueError("give either budget_ms (a per-request cap) or target_mean_latency_ms (a stream's mean)")
         if isinstance(questions, str):
             raise TypeError("questions must be a list of strings, one per request: wrap a single question in a list")
         if isinstance(images, (str, Path, torch.Tensor)) or type(images).__module__.startswith(("PIL", "numpy")):
@@ -387,24 +442,31 @@ class BudgetedVLM:
         for i, q in enumerate(questions):
             if not isinstance(q, str) or not q.strip():
                 raise ValueError(f"question {i} is empty or not a string: {q!r}")
-        if isinstance(budget_ms, (int, float)) and not isinstance(budget_ms, bool):
+        price = 0.0
+        if target_mean_latency_ms is not None:
+            price = self.price_for(target_mean_latency_ms)
+            budgets = torch.full((len(questions),), math.inf, dtype=torch.float64)
+        elif isinstance(budget_ms, (int, float)) and not isinstance(budget_ms, bool):
             budgets = check_budgets([float(budget_ms)] * len(questions))
         else:
             budgets = check_budgets(list(budget_ms) if not isinstance(budget_ms, torch.Tensor) else budget_ms)
             if len(budgets) != len(questions):
                 raise ValueError(f"got {len(budgets)} budgets for {len(questions)} requests: give one, or one per request")
         pixels = [load_image(image) for image in images]
-        return [self._serve(image, question, budget) for image, question, budget in zip(pixels, questions, budgets.tolist())]
+        return [
+            self._serve(image, question, budget, price) for image, question, budget in zip(pixels, questions, budgets.tolist())
+        ]
 
-    def _serve(self, image: torch.Tensor, question: str, budget_ms: float) -> Answer:
+    def _serve(self, image: torch.Tensor, question: str, budget_ms: float, price: float = 0.0) -> Answer:
         unknown = self.vlm.unknown_words(question)
-        text, knobs, total_ms, decision_ms = self.server.serve(image, question, budget_ms)
+        text, knobs, total_ms, decision_ms = self.server.serve(image, question, budget_ms, price=price)
         return Answer(
             text=text,
             knobs=knobs,
             latency_ms=total_ms,
-            budget_ms=float(budget_ms),
+            budget_ms=float(budget_ms) if math.isfinite(budget_ms) else None,
             decision_ms=decision_ms,
             table_latency_ms=self.table.latency(knobs),
             unknown_words=unknown,
+            price=price,
         )

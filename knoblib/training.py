@@ -33,20 +33,25 @@ def make_trainer(
     train_size: int | None = None,
     controller: TwoStageController | None = None,
     device: str | torch.device | None = None,
+    train_uids: set[str] | None = None,
 ) -> JointGRPOTrainer:
     """A trainer over the shipped splits with a fresh controller (seeded) unless one is given.
 
     ``device`` (e.g. ``"cuda"``) moves the VLM and the controller there first; by default
-    both stay where they are.
+    both stay where they are. ``train_uids`` keeps only those training questions (the ones
+    a correctness table covers).
     """
     train = load_split(split_path(data_path("vqa"), "train"))[:train_size]
+    if train_uids is not None:
+        train = [s for s in train if s.uid in train_uids]
     val = load_split(split_path(data_path("vqa"), "val"))
     if controller is None:
         # The controller learns relative budgets: the training range as fractions of this
         # machine's full-configuration latency, so it serves on any machine.
         sampler = BudgetSampler(table, margin=cfg.budget_margin)
         config = ControllerConfig.for_vlm(
-            vlm, sampler.relative_range, mode=cfg.stage2_mode, seed=cfg.seed, budget_guard=cfg.budget_guard
+            vlm, sampler.relative_range, mode=cfg.stage2_mode, seed=cfg.seed, budget_guard=cfg.budget_guard,
+            max_price=cfg.max_price, use_question=cfg.use_question,
         )
         controller = TwoStageController(config)
     if device is not None:
@@ -62,6 +67,8 @@ def warm_start_teacher(
 
     ``table``: the static lookup table; ``family-table``: the most accurate configuration
     for the sample's family. Both from ``data/config_accuracy_val.json`` (validation).
+    (``oracle`` is ``oracle_teacher``; ``correctness`` is not a teacher to clone but
+    ``JointGRPOTrainer.fit_to_correctness``.)
     """
     from .evaluate import FamilyTablePolicy, LookupTablePolicy, load_config_accuracy
 
@@ -118,19 +125,43 @@ def export_controller(run_dir: Path, export: Path, overwrite: bool) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def resume_config(args, saved: GRPOConfig) -> GRPOConfig:
-    """The config a resumed run asks for: the checkpoint's, with the values given on the command line."""
-    cfg = replace(saved)
+def oracle_teacher(correctness, table: LatencyTable, quantile: float = DEFAULT_QUANTILE):
+    """``teacher(sample, budget_ms) -> KnobConfig``: the cheapest configuration that answers the
+    sample right among those that fit the budget (at ``quantile``); the cheapest fitting one if
+    none does. From the per-sample correctness of the training questions (``correctness``)."""
+    configs = sorted(correctness.configs, key=table.latency)
+    columns = [correctness.column(k) for k in configs]
+    fastest = table.latency(table.fastest(), quantile)
+
+    def teacher(sample, budget_ms):
+        row = correctness.correct[correctness.row(sample.uid)]
+        fitting = [(k, c) for k, c in zip(configs, columns) if table.latency(k, quantile) <= max(budget_ms, fastest)]
+        return next((k for k, c in fitting if bool(row[c])), fitting[0][0])
+
+    return teacher
+
+
+def with_options(cfg: GRPOConfig, args) -> GRPOConfig:
+    """``cfg`` with the values given on the command line (``TRAIN_OPTIONS``, ``--saving-bonus``)."""
+    cfg = replace(cfg)
     for name in TRAIN_OPTIONS:
         if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
+    if getattr(args, "saving_bonus", None) is not None:
+        cfg.reward = replace(cfg.reward, saving_bonus=args.saving_bonus)
     cfg.__post_init__()
     return cfg
+
+
+def resume_config(args, saved: GRPOConfig) -> GRPOConfig:
+    """The config a resumed run asks for: the checkpoint's, with the values given on the command line."""
+    return with_options(saved, args)
 
 
 # The command-line options that set a GRPOConfig field of the same name.
 TRAIN_OPTIONS = (
     "steps", "seed", "lr", "entropy_coef", "scale_rewards", "kl_coef", "warm_start_steps", "warm_start_entropy", "warm_start_teacher",
+    "average_fraction", "max_price", "use_question",
 )
 
 
@@ -154,13 +185,15 @@ def train_controller_command(args) -> None:
         # Checked here too (load_checkpoint checks again), so a refusal comes before the model loads.
         check_resume_config(asdict(saved), cfg, args.override, out / "last")
     else:
-        cfg = GRPOConfig(mode=args.mode)
-        for name in TRAIN_OPTIONS:
-            if getattr(args, name, None) is not None:
-                setattr(cfg, name, getattr(args, name))
-        cfg.__post_init__()
+        cfg = with_options(GRPOConfig(mode=args.mode), args)
+    correctness = None
+    if cfg.warm_start_steps and cfg.warm_start_teacher in ("correctness", "oracle"):
+        from .correctness import Correctness
+
+        correctness = Correctness.load(args.correctness or data_path("correctness_train.safetensors"))
     vlm, table = load_assets(args.model)
-    trainer = make_trainer(vlm, table, cfg)
+    # A correctness-based warm start trains on the questions the table covers.
+    trainer = make_trainer(vlm, table, cfg, train_uids=set(correctness.uids) if correctness is not None else None)
     if args.resume:
         trainer.load_checkpoint(out / "last", override=args.override)
         print(f"resumed from {out / 'last'} at step {trainer.step_count}")
@@ -173,12 +206,19 @@ def train_controller_command(args) -> None:
                     shutil.rmtree(entry)
                 elif entry.exists():
                     entry.unlink()
-        if cfg.warm_start_steps:
-            losses = trainer.warm_start(
-                warm_start_teacher(cfg.warm_start_teacher, table, quantile=cfg.guard_quantile),
-                cfg.warm_start_steps,
-                entropy_coef=cfg.warm_start_entropy,
+        if cfg.warm_start_steps and cfg.warm_start_teacher == "correctness":
+            losses = trainer.fit_to_correctness(correctness, cfg.warm_start_steps, entropy_coef=cfg.warm_start_entropy)
+            print(
+                f"warm start: {cfg.warm_start_steps} steps fitting the expected reward of every configuration on "
+                f"{len(correctness)} training questions, reward {-losses[0]:.3f} -> {-losses[-1]:.3f}"
             )
+        elif cfg.warm_start_steps:
+            teacher = (
+                oracle_teacher(correctness, table, cfg.guard_quantile)
+                if cfg.warm_start_teacher == "oracle"
+                else warm_start_teacher(cfg.warm_start_teacher, table, quantile=cfg.guard_quantile)
+            )
+            losses = trainer.warm_start(teacher, cfg.warm_start_steps, entropy_coef=cfg.warm_start_entropy)
             print(
                 f"warm start: {cfg.warm_start_steps} behaviour-cloning steps on the {cfg.warm_start_teacher} teacher, "
                 f"nll {losses[0]:.3f} -> {losses[-1]:.3f}"
@@ -195,28 +235,30 @@ def train_controller_command(args) -> None:
 
 
 def evaluate_command(args) -> None:
-    """``python -m knoblib evaluate``: the budget sweep on this machine's latency table, and with
-    ``--measured`` every request served one at a time and timed by the wall clock."""
+    """``python -m knoblib evaluate``: every policy on the accuracy / mean-latency plane (per-request
+    budgets and target mean latencies, choices on val, scores on test, this machine's table), and
+    with ``--measured`` every request served one at a time and timed by the wall clock."""
     from .assets import load_samples
     from .evaluate import (
         ControllerPolicy,
         FullModelPolicy,
         LookupTablePolicy,
         RandomFeasiblePolicy,
-        budget_sweep,
         format_measured,
-        format_sweep,
         load_config_accuracy,
         measured_sweep,
     )
-    from .plots import plot_sweep
+    from .plane import format_plane
 
     check_output(args.out, args.overwrite, "--out", kind="dir")
     vlm, table = load_assets(args.model, args.table)
     quantile = getattr(args, "quantile", DEFAULT_QUANTILE)
+    paths = args.controllers
+    if paths is None:
+        paths = [data_path(n) for n in ("controller_A", "controller_B", "controller_B_budget_only") if data_path(n).is_dir()]
     policies = [
         ControllerPolicy(TwoStageController.load(path, expected_space=vlm.knob_space), vlm, table=table, quantile=quantile)
-        for path in args.controllers
+        for path in paths
     ]
     policies += [
         LookupTablePolicy(table, load_config_accuracy(data_path("config_accuracy_val.json")), quantile),
@@ -245,10 +287,22 @@ def evaluate_command(args) -> None:
         (out / "measured.json").write_text(json.dumps(payload, indent=1) + "\n")
         print(f"saved {out / 'measured.json'}")
         return
-    samples = load_samples(args.split, args.n or 1000)
-    rows = budget_sweep(vlm, policies, samples, table, budgets)
-    print(format_sweep(rows))
-    (out / "sweep.json").write_text(json.dumps({"split": args.split, "n": len(samples), "quantile": quantile, "rows": [r.as_dict() for r in rows]}, indent=1))
-    fig = plot_sweep(rows)
-    fig.savefig(out / "sweep.png", dpi=120, bbox_inches="tight")
-    print(f"saved {out / 'sweep.json'} and {out / 'sweep.png'}")
+    from .correctness import Correctness
+    from .plane import evaluate_plane
+    from .plots import plot_plane
+
+    val = Correctness.load(data_path("correctness_val.safetensors"))
+    test = Correctness.load(data_path(f"correctness_{args.split}.safetensors"))
+    by_uid = {s.uid: s for s in load_samples("val")}
+    val_samples = [by_uid[u] for u in val.uids][: args.val_n]
+    by_uid = {s.uid: s for s in load_samples(args.split)}
+    test_samples = [by_uid[u] for u in test.uids][: args.n or len(test.uids)]
+    controllers = {policy.name: policy.controller for policy in policies if isinstance(policy, ControllerPolicy)}
+    # Mean-latency targets over the achievable range of medians: the fastest to the full configuration.
+    targets = torch.linspace(table.min_ms, table.reference_ms, args.budgets, dtype=torch.float64).tolist()
+    plane = evaluate_plane(vlm, controllers, table, val, test, val_samples, test_samples, budgets, targets, quantile)
+    print(format_plane(plane))
+    payload = {"split": args.split, "n": len(test_samples), "val_n": len(val_samples), **plane}
+    (out / "plane.json").write_text(json.dumps(payload, indent=1) + "\n")
+    plot_plane(plane).savefig(out / "plane.png", dpi=120, bbox_inches="tight")
+    print(f"saved {out / 'plane.json'} and {out / 'plane.png'}")

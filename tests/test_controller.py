@@ -420,3 +420,65 @@ def test_resumable_mode_a_with_the_tiny_vlm(tiny_vlm, samples):
     log_prob, _ = controller.evaluate_actions(decisions, lang_feat, budget_feat, latency_token=out.latency_tokens)
     log_prob.sum().backward()
     assert torch.isfinite(log_prob).all()
+
+
+# --- the latency price and the budget-only ablation --------------------------------------------
+def test_the_price_reaches_both_stages_and_the_probe():
+    controller = make_controller("B", max_price=2.0)
+    lang_feat, _ = features()
+    budgets = torch.full((4,), float("inf"))  # no per-request budget: the average-latency mode
+    cheap, dear = controller.encode_budget(budgets, torch.zeros(4)), controller.encode_budget(budgets, torch.full((4,), 2.0))
+    assert not torch.allclose(cheap, dear)
+    assert controller.budget_encoder.encoding_dim == 2 * (2 * 4 + 1)
+    # Prices past the range saturate like budgets do; a negative or NaN price is refused.
+    torch.testing.assert_close(controller.encode_budget(budgets, torch.full((4,), 50.0)), dear)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="prices must be finite and >= 0"):
+            controller.encode_budget(budgets, torch.full((4,), bad))
+    probe = make_controller("A", max_price=2.0).probe_embeddings(budgets, torch.full((4,), 1.0))
+    assert probe.shape == (4, LATENCY_DIM)
+    # A controller without a price input refuses a price (and ignores none).
+    with pytest.raises(ValueError, match="no price input"):
+        make_controller("B").encode_budget(BUDGETS, torch.ones(4))
+    make_controller("B").encode_budget(BUDGETS, torch.zeros(4))
+
+
+def test_the_budget_only_ablation_ignores_the_question():
+    controller = make_controller("B", use_question=False)
+    a, _ = features(4, seed=1)
+    b, _ = features(4, seed=2)
+    feat = controller.encode_budget(BUDGETS)
+    for x, y in zip(controller.stage1_logits(a, feat), controller.stage1_logits(b, feat)):
+        torch.testing.assert_close(x, y)
+    position = torch.tensor([0, 1, 2, 0])
+    for x, y in zip(controller.stage2_logits(position, a, feat), controller.stage2_logits(position, b, feat)):
+        torch.testing.assert_close(x, y)
+    with pytest.raises(ValueError, match="use_question"):
+        ControllerConfig(use_question="no")
+
+
+def test_joint_log_probs_equal_evaluate_actions_for_every_configuration():
+    from knoblib.guard import open_mask
+
+    controller = make_controller("B", max_price=2.0)
+    with torch.no_grad():
+        for p in controller.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    lang_feat, _ = features(2)
+    feat = controller.encode_budget(BUDGETS[:2], torch.tensor([0.0, 1.0]))
+    mask = open_mask(SPACE, 2)
+    mask[0, 2] = False  # the high tier does not fit the first request
+    joint = controller.joint_log_probs(lang_feat, feat, mask)
+    torch.testing.assert_close(joint.exp().flatten(1).sum(1), torch.ones(2))
+    for knobs in SPACE:
+        index = (
+            SPACE.tiers.index(knobs.tier), knobs.insertion_position - 1,
+            SPACE.top_k_options.index(knobs.top_k), SPACE.all_block_options.index(knobs.num_active_blocks),
+        )
+        rows = [1] if knobs.tier == "high" else [0, 1]
+        expected, _ = controller.evaluate_actions(
+            Decisions.from_knobs([knobs] * len(rows), SPACE), lang_feat[rows], feat[rows], mask[rows]
+        )
+        torch.testing.assert_close(joint[(rows, *index)], expected)
+        if knobs.tier == "high":
+            assert joint[(0, *index)] == -math.inf

@@ -33,7 +33,9 @@ def pool():
 def make_trainer(tiny_vlm, table, pool, **overrides):
     cfg = GRPOConfig(**{"steps": 4, "batch_size": 2, "val_every": 0, "val_size": 4, "seed": 0, **overrides})
     sampler = BudgetSampler(table, margin=cfg.budget_margin)
-    config = ControllerConfig.for_vlm(tiny_vlm, sampler.relative_range, mode=cfg.stage2_mode, seed=0)
+    config = ControllerConfig.for_vlm(
+        tiny_vlm, sampler.relative_range, mode=cfg.stage2_mode, seed=0, max_price=cfg.max_price, use_question=cfg.use_question
+    )
     return JointGRPOTrainer(tiny_vlm, TwoStageController(config), table, pool[:16], pool[16:], cfg)
 
 
@@ -89,7 +91,7 @@ def test_forward_counts_per_request(tiny_vlm, table, pool, mode, forwards):
 
 def test_batched_rollouts_equal_each_configuration_alone(tiny_vlm, table, pool):
     trainer = make_trainer(tiny_vlm, table, pool, mode="B")
-    samples, budgets = trainer.next_batch()
+    samples, budgets, _ = trainer.next_batch()
     run = run_controller(
         tiny_vlm, trainer.controller, trainer.language,
         [s.image() for s in samples for _ in range(5)], [s.question for s in samples for _ in range(5)],
@@ -142,7 +144,7 @@ def test_bad_inputs(tiny_vlm, table, pool, tmp_path):
     with pytest.raises(ValueError, match="lr"):
         GRPOConfig(lr=float("nan"))
     trainer = make_trainer(tiny_vlm, table, pool, mode="B")
-    samples, _ = trainer.next_batch()
+    samples, _, _ = trainer.next_batch()
     for bad in (torch.tensor([-5.0, 10.0]), torch.tensor([0.0, 10.0]), torch.tensor([float("nan"), 10.0])):
         with pytest.raises(ValueError):
             trainer.train_step((samples, bad))
@@ -208,3 +210,45 @@ def test_warm_start_clones_the_teacher_and_anchors_the_kl(tiny_vlm, table, pool)
     greedy_teacher = make_trainer(tiny_vlm, table, pool, mode="B")
     with pytest.raises(ValueError, match="budget guard masks"):
         greedy_teacher.warm_start(lambda sample, budget: by_latency[-1], steps=1)
+
+
+# --- the latency price and the correctness fit ------------------------------------------------------
+def test_average_latency_requests_have_no_budget_and_a_price(tiny_vlm, table, pool):
+    trainer = make_trainer(tiny_vlm, table, pool, mode="B", average_fraction=0.5, max_price=2.0, batch_size=64)
+    assert trainer.controller.config.max_price == 2.0
+    samples, budgets, prices = trainer.next_batch()
+    no_budget = torch.isinf(budgets)
+    assert 0 < int(no_budget.sum()) < 64
+    assert bool((prices[~no_budget] == 0).all()) and bool((prices[no_budget] <= 2.0).all())
+    metrics = trainer.train_step((samples[:2], budgets[:2], prices[:2]))
+    assert math.isfinite(metrics["reward_mean"]) and metrics["mean_latency_over_full"] > 0
+    val = trainer.validate()
+    assert {"val_average_accuracy", "val_average_latency_over_full"} <= set(val)
+    with pytest.raises(ValueError, match="needs max_price > 0"):
+        GRPOConfig(average_fraction=0.5)
+
+
+def test_fit_to_correctness_raises_the_expected_reward(tiny_vlm, table, pool):
+    from knoblib.correctness import Correctness
+
+    trainer = make_trainer(tiny_vlm, table, pool, mode="B", average_fraction=0.5, max_price=2.0, kl_coef=0.1)
+    space = trainer.space
+    configs = list(space)
+    # A made-up truth: only the high tier answers right (the cheapest high configuration is what pays).
+    correct = torch.tensor([[k.tier == "high" for k in configs]] * 16)
+    table_c = Correctness(correct, [s.uid for s in pool[:16]], [s.family for s in pool[:16]], configs, "train")
+    losses = trainer.fit_to_correctness(table_c, steps=80, batch_size=16, entropy_coef=0.01)
+    assert losses[-1] < losses[0] - 0.1
+    # Where the budget allows the high tier, the fitted controller takes it greedily.
+    lang = trainer.language([pool[0].question])
+    budget = torch.tensor([table.max_ms], dtype=torch.float64)
+    feat = trainer.controller.encode_budget(table.relative(budget), torch.zeros(1))
+    tier, _ = trainer.controller.sample_stage1(lang, feat, trainer.guard.mask(budget), greedy=True)
+    assert space.tiers[int(tier)] == "high"
+    for k, v in trainer.reference.state_dict().items():  # the KL anchor is the fitted policy
+        assert torch.equal(v, trainer.controller.state_dict()[k])
+    with pytest.raises(ValueError, match="before GRPO"):
+        trainer.train_step()
+        trainer.fit_to_correctness(table_c, steps=1)
+    with pytest.raises(ValueError, match="Mode-B"):
+        make_trainer(tiny_vlm, table, pool, mode="A-resumable").fit_to_correctness(table_c, steps=1)

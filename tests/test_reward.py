@@ -14,10 +14,10 @@ def reward_of(correct, latency, budget, cfg=None):
 
 
 def test_hand_computed_values():
-    # Under budget, correct: 1 + 0.05 * (1 - 80/100).
-    assert reward_of(True, 80.0, 100.0) == pytest.approx(1.01)
+    # Under budget, correct: 1 + 0.03 * (1 - 80/100).
+    assert reward_of(True, 80.0, 100.0) == pytest.approx(1.006)
     # Under budget, wrong: only the saving bonus.
-    assert reward_of(False, 80.0, 100.0) == pytest.approx(0.01)
+    assert reward_of(False, 80.0, 100.0) == pytest.approx(0.006)
     # Over budget, correct: 1 - 1 - 2 * (120 - 100) / 100.
     assert reward_of(True, 120.0, 100.0) == pytest.approx(-0.4)
     # Over budget, wrong.
@@ -31,7 +31,7 @@ def test_parts_sum_to_reward():
     latency = torch.tensor([50.0, 90.0, 130.0, 300.0])
     budget = torch.tensor([100.0, 100.0, 100.0, 200.0])
     reward, parts = compute_reward(correct, latency, budget)
-    assert set(parts) == {"accuracy", "violation", "overshoot", "saving"}
+    assert set(parts) == {"accuracy", "violation", "overshoot", "saving", "price"}
     torch.testing.assert_close(reward, sum(parts.values()))
     torch.testing.assert_close(parts["violation"], torch.tensor([0.0, 0.0, -1.0, -1.0]))
     torch.testing.assert_close(parts["overshoot"], torch.tensor([0.0, 0.0, -0.6, -1.0]))
@@ -104,3 +104,22 @@ def test_original_reward_checks_complexity():
         original_reward(*args, torch.tensor([1.5]))
     with pytest.raises(ValueError, match="complexity"):
         original_reward(*args, torch.tensor([0.5, 0.5]))
+
+
+def test_the_latency_price_and_no_budget():
+    cfg = RewardConfig(saving_bonus=0.03)
+    correct = torch.tensor([1.0, 1.0, 0.0])
+    latency = torch.tensor([20.0, 40.0, 20.0])
+    budget = torch.tensor([float("inf"), float("inf"), 30.0])
+    price = torch.tensor([0.5, 0.5, 0.0])
+    reward, parts = compute_reward(correct, latency, budget, cfg, price, reference_ms=40.0)
+    # No budget: no violation, no saving; the price pays lambda * L / L_full.
+    assert parts["price"].tolist() == pytest.approx([-0.25, -0.5, 0.0])
+    assert parts["saving"].tolist() == pytest.approx([0.0, 0.0, 0.03 * (1 - 20 / 30)])
+    assert reward.tolist() == pytest.approx([0.75, 0.5, 0.01])
+    with pytest.raises(ValueError, match="reference_ms"):
+        compute_reward(correct, latency, budget, cfg, price)
+    with pytest.raises(ValueError, match="price"):
+        compute_reward(correct, latency, budget, cfg, torch.tensor([-1.0, 0.0, 0.0]), reference_ms=40.0)
+    with pytest.raises(ValueError, match="budget_ms"):
+        compute_reward(correct, latency, torch.tensor([float("nan"), 1.0, 1.0]), cfg)
