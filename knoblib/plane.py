@@ -431,3 +431,16 @@ def format_plane(plane: dict) -> str:
         if parts:
             lines.append(f"{name}: " + ", ".join(parts))
     return "\n".join(lines)
+
+
+def choices_by_family(vlm, controller, samples, table: LatencyTable, budgets: Sequence[float], quantile: float) -> dict:
+    """What a controller picks, per question family and budget: {family: {budget: {configuration: share}}}."""
+    result: dict[str, dict[float, dict[str, float]]] = {f: {} for f in FAMILIES}
+    for budget in budgets:
+        b = torch.full((len(samples),), float(budget), dtype=torch.float64)
+        knobs = controller_choices(vlm, controller, samples, table, b, quantile=quantile)
+        for family in FAMILIES:
+            picks = [k.short() for k, s in zip(knobs, samples) if s.family == family]
+            counts = {label: picks.count(label) / len(picks) for label in dict.fromkeys(picks)} if picks else {}
+            result[family][float(budget)] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return result

@@ -613,6 +613,36 @@ def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",)) -> Figure:
     return fig
 
 
+def plot_family_choices(choices: Mapping, table: LatencyTable) -> Figure:
+    """The controller's most frequent configuration per question family (rows) and budget (columns).
+
+    Args:
+        choices: ``knoblib.plane.choices_by_family``'s result.
+        table: this machine's latency table (cells are coloured by the configuration's median latency).
+    """
+    families = list(choices)
+    budgets = sorted({b for per in choices.values() for b in per})
+    latency = np.full((len(families), len(budgets)), np.nan)
+    fig, ax = plt.subplots(figsize=(1.3 * len(budgets) + 2, 0.6 * len(families) + 1.6))
+    by_label = {k.short(): k for k in table.configs}
+    for i, family in enumerate(families):
+        for j, budget in enumerate(budgets):
+            counts = choices[family].get(budget, {})
+            if not counts:
+                continue
+            label, share = next(iter(counts.items()))
+            latency[i, j] = table.latency(by_label[label])
+            ax.text(j, i, f"{label}\n{100 * share:.0f}%", ha="center", va="center", fontsize=7)
+    image = ax.imshow(latency, cmap="Blues", aspect="auto", alpha=0.6)
+    fig.colorbar(image, ax=ax, label="median latency (ms)")
+    ax.set_xticks(range(len(budgets)), [f"{b:.0f}" for b in budgets])
+    ax.set_yticks(range(len(families)), families)
+    ax.set_xlabel("per-request budget (ms)")
+    ax.set_title("the controller's most frequent configuration (and its share of the family's questions)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_training_curves(
     history: Sequence[Mapping], keys: Sequence[str], by: str | None = None, x: str = "step", ncols: int = 3
 ) -> Figure:

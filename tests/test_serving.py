@@ -188,3 +188,22 @@ def test_a_slower_machine_gets_cheaper_configurations(tiny_vlm, served, samples)
     _, slowed, _, _ = server.serve(samples[0].image(), samples[0].question, budget)
     assert table.latency(slowed) < table.latency(fresh) <= budget
     assert table.min_ms < table.latency(slowed) <= budget / 1.2
+
+
+# --- a target mean latency instead of a per-request budget ------------------------------------
+def test_serving_at_a_target_mean_latency(tiny_vlm, served, samples, monkeypatch):
+    from knoblib import assets
+
+    controller = TwoStageController(ControllerConfig.for_vlm(tiny_vlm, (0.55, 1.1), mode="B", max_price=2.0))
+    priced = BudgetedVLM(tiny_vlm, controller, served.table, reserve_ms=0.0, monitor=False)
+    monkeypatch.setattr(assets, "load_samples", lambda split, n=None: samples)  # validation questions for the price
+    target = 0.5 * (served.table.min_ms + served.table.reference_ms)
+    answers = priced.answer([s.image() for s in samples[:3]], [s.question for s in samples[:3]], target_mean_latency_ms=target)
+    price = priced.price_for(target)
+    assert 0.0 <= price <= 2.0 and all(a.budget_ms is None and a.price == price for a in answers)
+    with pytest.raises(ValueError, match="either budget_ms"):
+        priced.answer([samples[0].image()], [samples[0].question])
+    with pytest.raises(ValueError, match="either budget_ms"):
+        priced.answer([samples[0].image()], [samples[0].question], 40.0, target_mean_latency_ms=40.0)
+    with pytest.raises(ValueError, match="no latency-price input"):
+        served.answer([samples[0].image()], [samples[0].question], target_mean_latency_ms=40.0)
