@@ -162,9 +162,18 @@ def cmd_config_accuracy(args) -> None:
 
     args.out = args.out or str(runs_path(f"config_accuracy_{args.split}.json"))
     check_output(args.out, args.overwrite, "--out")
-    vlm = KnobVLM.from_pretrained(args.model)
-    samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
-    result = config_accuracy(vlm, samples, list(vlm.knob_space))
+    if args.correctness:
+        # Per-sample correctness already says it: no need to run the model again.
+        from .correctness import Correctness
+
+        table = Correctness.load(args.correctness)
+        result, samples = table.accuracy(), table.uids
+        if table.split != args.split:
+            raise ValueError(f"--correctness {args.correctness} holds the {table.split!r} split, not {args.split!r}")
+    else:
+        vlm = KnobVLM.from_pretrained(args.model)
+        samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+        result = config_accuracy(vlm, samples, list(vlm.knob_space))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_config_accuracy(result, args.out, args.split)
     best = max(result, key=lambda k: result[k]["all"])
@@ -312,8 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("oracle-gap", help="what a family-aware policy could win over the lookup table (val)")
     p.add_argument("--table", default=str(data_path("latency_table.json")))
     p.add_argument("--accuracy", default=str(data_path("config_accuracy_val.json")))
-    p.add_argument("--budgets", type=int_at_least(2), default=8, help="budgets (and targets) in the sweep (>= 2)")
-    p.add_argument("--val-n", type=POSITIVE_INT, default=400, help="validation questions the prices are found on")
+    p.add_argument("--budgets", type=int_at_least(2), default=8, help="budgets in the sweep (>= 2)")
     p.add_argument(
         "--score",
         default=None,
@@ -368,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     _add_n(p)
     p.add_argument("--out", default=None, help="default: runs/config_accuracy_<split>.json")
+    p.add_argument(
+        "--correctness", default=None, help="derive it from this per-sample correctness table instead of running the model"
+    )
     _add_overwrite(p)
     p.set_defaults(fn=cmd_config_accuracy)
 
@@ -488,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--n", type=POSITIVE_INT, default=None, help="requests (>= 1; default: 1000, or 200 with --measured)"
     )
-    p.add_argument("--budgets", type=int_at_least(2), default=8, help="budgets in the sweep (>= 2)")
+    p.add_argument("--budgets", type=int_at_least(2), default=8, help="budgets (and targets) in the sweep (>= 2)")
+    p.add_argument("--val-n", type=POSITIVE_INT, default=400, help="validation questions the prices are found on")
     p.add_argument(
         "--measured",
         action="store_true",

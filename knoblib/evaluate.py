@@ -169,12 +169,23 @@ class FamilyTablePolicy(StaticPolicy):
 
     name = "family table"
 
-    def __init__(self, table: LatencyTable, val_accuracy: dict[KnobConfig, dict[str, float]], quantile: float = DEFAULT_QUANTILE):
+    def __init__(
+        self,
+        table: LatencyTable,
+        val_accuracy: dict[KnobConfig, dict[str, float]],
+        quantile: float = DEFAULT_QUANTILE,
+        ties: str = "table",
+    ):
+        if ties not in ("table", "faster"):
+            raise ValueError(f"ties={ties!r} is invalid: allowed 'table' (the lookup table's order) or 'faster'")
         self.table = table
         table.factor(quantile)  # a quantile the table keeps, else a ValueError naming them
         self.quantile = float(quantile)
+        # ties="faster": among configurations equally accurate for the family, the fastest
+        # (the bound on what saved latency is worth); "table": the lookup table's choice.
+        second = (lambda k: table.latency(k)) if ties == "faster" else (lambda k: -val_accuracy[k]["all"])
         self.ranked = {
-            f: sorted(val_accuracy, key=lambda k, f=f: (-val_accuracy[k][f], -val_accuracy[k]["all"], table.latency(k)))
+            f: sorted(val_accuracy, key=lambda k, f=f: (-val_accuracy[k][f], second(k), table.latency(k)))
             for f in FAMILIES
         }
 
@@ -192,7 +203,7 @@ class FamilyTablePolicy(StaticPolicy):
         knobs = [self.choose_one(s.family, b) for b, s in zip(budgets.tolist(), samples)]
         return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
 
-    def serve_one(self, vlm, image, question, budget_ms, answer_tokens):
+    def serve_one(self, vlm, image, question, budget_ms, answer_tokens, price: float = 0.0):
         raise ValueError("the family table reads the data's family label, which a served request does not have")
 
 
@@ -229,9 +240,9 @@ class FullModelPolicy(StaticPolicy):
         self.space = vlm.knob_space
         return super().choose(vlm, samples, images, budgets)
 
-    def serve_one(self, vlm, image, question, budget_ms, answer_tokens):
+    def serve_one(self, vlm, image, question, budget_ms, answer_tokens, price: float = 0.0):
         self.space = vlm.knob_space
-        return super().serve_one(vlm, image, question, budget_ms, answer_tokens)
+        return super().serve_one(vlm, image, question, budget_ms, answer_tokens, price)
 
 
 class ControllerPolicy:
@@ -262,6 +273,9 @@ class ControllerPolicy:
     def choose(self, vlm, samples, images, budgets):
         from .grpo import run_controller
 
+        # A served request's budget is a number of milliseconds (the average-latency mode,
+        # inf with a price, goes through knoblib.plane and knoblib.serving).
+        budgets = check_budgets(budgets)
         run = run_controller(
             vlm, self.controller, self.language, images, [s.question for s in samples], budgets, self.table,
             self.mode, 3, greedy=True, guard=self.guard,

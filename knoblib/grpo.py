@@ -464,13 +464,14 @@ class JointGRPOTrainer:
     def request_conditions(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(budgets (n,) ms, prices (n,)): a share ``average_fraction`` with no budget (inf) and a
         uniform price in [0, max_price], the others a budget from the sampler and price 0."""
-        budgets = self.budgets.low + torch.rand(n, generator=generator, dtype=torch.float64) * (
+        # On the CPU, like the latency table and the guard that read them.
+        budgets = self.budgets.low + torch.rand(n, generator=generator, dtype=torch.float64, device="cpu") * (
             self.budgets.high - self.budgets.low
         )
-        prices = torch.zeros(n, dtype=torch.float64)
+        prices = torch.zeros(n, dtype=torch.float64, device="cpu")
         if self.cfg.average_fraction > 0:
-            average = torch.rand(n, generator=generator, dtype=torch.float64) < self.cfg.average_fraction
-            drawn = torch.rand(n, generator=generator, dtype=torch.float64) * self.cfg.max_price
+            average = torch.rand(n, generator=generator, dtype=torch.float64, device="cpu") < self.cfg.average_fraction
+            drawn = torch.rand(n, generator=generator, dtype=torch.float64, device="cpu") * self.cfg.max_price
             budgets = torch.where(average, torch.full_like(budgets, math.inf), budgets)
             prices = torch.where(average, drawn, prices)
         return budgets, prices

@@ -56,7 +56,14 @@ class PlanePoint:
         mean_latency_ms: mean latency of the chosen configurations (this machine's table medians).
         violation_rate: share of requests whose configuration's median exceeds the budget
             (0 for a target: there is no per-request cap).
-        price: the latency price used (controllers in the average mode), else None.
+        price: the latency price used (controllers in the average mode), else None
+            (the mean over seeds for several).
+        seeds: how many trained controllers (seeds) the point averages.
+        accuracy_ci / mean_latency_ms_ci: 95 % intervals (bootstrap over test requests and seeds).
+        accuracy_vs_baseline: [mean, low, high] of the accuracy difference to the baseline at
+            the same x (the lookup table for a budget, the static hull for a target), paired
+            on the same requests.
+        latency_saving_vs_baseline: [mean, low, high] of ``1 - mean latency / baseline's``.
     """
 
     policy: str
@@ -66,6 +73,11 @@ class PlanePoint:
     mean_latency_ms: float
     violation_rate: float
     price: float | None = None
+    seeds: int = 1
+    accuracy_ci: list[float] | None = None
+    mean_latency_ms_ci: list[float] | None = None
+    accuracy_vs_baseline: list[float] | None = None
+    latency_saving_vs_baseline: list[float] | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -274,6 +286,38 @@ def controller_choices(vlm, controller, samples, table: LatencyTable, budgets_ms
     return knobs
 
 
+def per_request(correctness: Correctness, table: LatencyTable, samples, knobs: Sequence[KnobConfig]):
+    """(right (n,) float, latency (n,) ms) of serving each sample with its configuration."""
+    rows = torch.tensor([correctness.row(s.uid) for s in samples])
+    columns = torch.tensor([correctness.column(k) for k in knobs])
+    return correctness.correct[rows, columns].float(), table.latencies(knobs).float()
+
+
+def bootstrap(values: torch.Tensor, baseline: torch.Tensor | None = None, resamples: int = 1000, seed: int = 0, ratio: bool = False):
+    """[mean, low, high] (95 %) of a statistic over seeds x requests, resampling both.
+
+    Args:
+        values: (S, n) per seed and request.
+        baseline: (n,) per request, paired with ``values`` (same requests); the statistic
+            becomes ``mean(values) - mean(baseline)``, or with ``ratio`` ``1 - mean(values) / mean(baseline)``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    s, n = values.shape
+
+    def statistic(v, b):
+        if b is None:
+            return v.mean()
+        return 1 - v.mean() / b.mean() if ratio else v.mean() - b.mean()
+
+    draws = []
+    for _ in range(resamples):
+        seeds = torch.randint(s, (s,), generator=generator)
+        requests = torch.randint(n, (n,), generator=generator)
+        draws.append(float(statistic(values[seeds][:, requests], None if baseline is None else baseline[requests])))
+    ordered = sorted(draws)
+    return [float(statistic(values, baseline)), ordered[int(0.025 * resamples)], ordered[int(0.975 * resamples) - 1]]
+
+
 def score(correctness: Correctness, samples, knobs: Sequence[KnobConfig]) -> float:
     """Accuracy of serving each sample with its configuration, from per-sample correctness."""
     rows = [correctness.row(s.uid) for s in samples]
@@ -315,22 +359,41 @@ def evaluate_plane(
     val_acc = val.accuracy()
     test_acc = test.accuracy()
     lookup = LookupTablePolicy(table, val_acc, quantile)
-    per_family = FamilyTablePolicy(table, val_acc, quantile)
+    per_family = FamilyTablePolicy(table, val_acc, quantile, ties="faster")
     random_policy = RandomFeasiblePolicy(table, seed=0, quantile=quantile)
     n = len(test_samples)
     points: list[PlanePoint] = []
 
-    def add(policy, kind, x, knobs, price=None):
-        latency = table.latencies(knobs)
+    baselines: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(policy, kind, x, knobs, price=None, baseline=None):
+        """``knobs``: one list of configurations per request, or a list of such lists (one per seed)."""
+        per_seed = knobs if knobs and isinstance(knobs[0], list) else [knobs]
+        right, latency = (torch.stack(t) for t in zip(*(per_request(test, table, test_samples, k) for k in per_seed)))
         violation = float((latency > x).float().mean()) if kind == "budget" else 0.0
-        points.append(PlanePoint(policy, kind, float(x), score(test, test_samples, knobs), float(latency.mean()), violation, price))
+        point = PlanePoint(
+            policy, kind, float(x), float(right.mean()), float(latency.mean()), violation,
+            None if price is None else float(sum(price) / len(price) if isinstance(price, list) else price),
+            seeds=len(per_seed), accuracy_ci=bootstrap(right)[1:], mean_latency_ms_ci=bootstrap(latency)[1:],
+        )
+        if baseline is not None:
+            base_right, base_latency = baselines[kind, float(x)]
+            point.accuracy_vs_baseline = bootstrap(right, base_right)
+            point.latency_saving_vs_baseline = bootstrap(latency, base_latency, ratio=True)
+        points.append(point)
+        if policy in (lookup.name, "static hull (random mix)"):
+            baselines[kind, float(x)] = (right[0], latency[0])
+
+    def choices(controller, b, prices=None, samples=test_samples):
+        group = controller if isinstance(controller, list) else [controller]
+        return [controller_choices(vlm, c, samples, table, b, prices, quantile) for c in group]
 
     # Per-request budgets.
     for budget in tqdm(list(budgets), desc="budgets", disable=not progress):
         b = torch.full((n,), float(budget), dtype=torch.float64)
-        for name, controller in controllers.items():
-            add(name, "budget", budget, controller_choices(vlm, controller, test_samples, table, b, quantile=quantile))
         add(lookup.name, "budget", budget, [lookup.choose_one(budget)] * n)
+        for name, controller in controllers.items():
+            add(name, "budget", budget, choices(controller, b), baseline=True)
         add(random_policy.name, "budget", budget, [random_policy.choose_one(budget) for _ in range(n)])
         add("full model", "budget", budget, [vlm.knob_space.full()] * n)
         add("per-family oracle", "budget", budget, [per_family.choose_one(s.family, budget) for s in test_samples])
@@ -357,20 +420,25 @@ def evaluate_plane(
         add("per-family mix (oracle)", "target", target, [mix[s.family] for s in test_samples], price)
         accuracy, mean_ms = oracle_for_target(test, table, target)
         points.append(PlanePoint("per-request oracle", "target", float(target), accuracy, mean_ms, 0.0))
-        for name, controller in controllers.items():
-            if controller.config.max_price <= 0:
+        for name, group in controllers.items():
+            group = group if isinstance(group, list) else [group]
+            if group[0].config.max_price <= 0:
                 continue
             inf = torch.full((len(val_samples),), math.inf, dtype=torch.float64)
+            per_seed, found = [], []
+            for controller in group:
 
-            def mean_latency_at(p, controller=controller, inf=inf):
-                prices = torch.full((len(val_samples),), p, dtype=torch.float64)
-                knobs = controller_choices(vlm, controller, val_samples, table, inf, prices, quantile)
-                return float(table.latencies(knobs).mean())
+                def mean_latency_at(p, controller=controller, inf=inf):
+                    prices = torch.full((len(val_samples),), p, dtype=torch.float64)
+                    knobs = controller_choices(vlm, controller, val_samples, table, inf, prices, quantile)
+                    return float(table.latencies(knobs).mean())
 
-            price = find_price(mean_latency_at, target, controller.config.max_price, iterations=12)
-            prices = torch.full((n,), price, dtype=torch.float64)
-            inf_test = torch.full((n,), math.inf, dtype=torch.float64)
-            add(name, "target", target, controller_choices(vlm, controller, test_samples, table, inf_test, prices, quantile), price)
+                price = find_price(mean_latency_at, target, controller.config.max_price, iterations=12)
+                prices = torch.full((n,), price, dtype=torch.float64)
+                inf_test = torch.full((n,), math.inf, dtype=torch.float64)
+                per_seed.append(controller_choices(vlm, controller, test_samples, table, inf_test, prices, quantile))
+                found.append(price)
+            add(name, "target", target, per_seed, found, baseline=True)
 
     return {
         "points": [p.as_dict() for p in points],

@@ -255,7 +255,8 @@ def evaluate_command(args) -> None:
     quantile = getattr(args, "quantile", DEFAULT_QUANTILE)
     paths = args.controllers
     if paths is None:
-        paths = [data_path(n) for n in ("controller_A", "controller_B", "controller_B_budget_only") if data_path(n).is_dir()]
+        # The shipped controllers and their other training seeds (controller_B_seed1, ...).
+        paths = sorted(p for p in data_path().glob("controller_*") if (p / "config.json").is_file())
     policies = [
         ControllerPolicy(TwoStageController.load(path, expected_space=vlm.knob_space), vlm, table=table, quantile=quantile)
         for path in paths
@@ -276,7 +277,9 @@ def evaluate_command(args) -> None:
     if args.measured:
         samples = load_samples(args.split)
         samples = random.Random(args.seed).sample(samples, min(args.n or 200, len(samples)))
-        rows = measured_sweep(vlm, policies, samples, table, budgets, seed=args.seed)
+        # One controller per kind is served (the first folder of each; other seeds are for the plane).
+        served = list({policy.name: policy for policy in reversed(policies)}.values())[::-1]
+        rows = measured_sweep(vlm, served, samples, table, budgets, seed=args.seed)
         print(format_measured(rows))
         payload = {
             "split": args.split, "n": len(samples), "seed": args.seed, "quantile": quantile,
@@ -297,7 +300,11 @@ def evaluate_command(args) -> None:
     val_samples = [by_uid[u] for u in val.uids][: args.val_n]
     by_uid = {s.uid: s for s in load_samples(args.split)}
     test_samples = [by_uid[u] for u in test.uids][: args.n or len(test.uids)]
-    controllers = {policy.name: policy.controller for policy in policies if isinstance(policy, ControllerPolicy)}
+    # Controllers of one kind (their seeds) are one group: the plane shows their mean and intervals.
+    controllers: dict[str, list] = {}
+    for policy in policies:
+        if isinstance(policy, ControllerPolicy):
+            controllers.setdefault(policy.name, []).append(policy.controller)
     # Mean-latency targets over the achievable range of medians: the fastest to the full configuration.
     targets = torch.linspace(table.min_ms, table.reference_ms, args.budgets, dtype=torch.float64).tolist()
     plane = evaluate_plane(vlm, controllers, table, val, test, val_samples, test_samples, budgets, targets, quantile)

@@ -101,11 +101,20 @@ def test_forward_shape_and_gradients():
         ([100.0, -5.0], r"-5\.0"),
         ([0.0], r"0\.0"),
         ([float("nan")], "nan"),
-        ([200.0, float("inf")], "inf"),
         ([[100.0, 200.0]], r"1-D.*\(1, 2\)"),
         ([], "empty"),
     ],
 )
+def test_no_budget_is_the_top_of_the_range():
+    """inf means no per-request budget (the average-latency mode): encoded as the range's top, without a warning."""
+    import warnings
+
+    encoder = LatencyBudgetEncoder((LO, HI))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(encoder(torch.tensor([float("inf")])), encoder(torch.tensor([HI])))
+
+
 def test_bad_budgets_raise(budgets, match):
     encoder = LatencyBudgetEncoder((LO, HI))
     with pytest.raises(ValueError, match=match):
