@@ -44,12 +44,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .knobs import TIERS, KnobConfig, KnobSpace
+from .knobs import KNOB_FIELDS, TIERS, KnobConfig, KnobSpace
 
 FILE_FORMAT = "knoblib-latency-table"
 FILE_VERSION = 2
 PROFILE_COMMAND = "python -m knoblib profile-latency"
-KNOB_FIELDS = ("tier", "insertion_position", "top_k", "num_active_blocks")
 # The tail quantiles a table keeps (besides the median); the budget guard uses one of them.
 QUANTILES: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.99)
 # Tokens decoded per measurement: one word plus end-of-sequence, what the shipped

@@ -42,8 +42,8 @@ import torch
 from matplotlib.figure import Figure
 
 from .data import FAMILIES
-from .knobs import TIERS, KnobConfig
-from .latency import KNOB_FIELDS, LatencyTable
+from .knobs import KNOB_FIELDS, TIERS, KnobConfig
+from .latency import LatencyTable
 
 # One color per tier and per question family, used consistently across figures.
 TIER_COLORS = {"low": "#1b9e77", "medium": "#d95f02", "high": "#7570b3"}

@@ -42,11 +42,12 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from .data import IMAGE_SIZE, LOW_TIER_FACTOR
 from .knobs import TIERS, KnobConfig, KnobSpace
 
 KNOBLIB_CONFIG_NAME = "knoblib_vlm.json"
-IMAGE_SIZE = 48
-CROP_SIZE = 16
+# The side of one crop: the low tier's global view is the image area-downsampled by this factor.
+CROP_SIZE = IMAGE_SIZE // LOW_TIER_FACTOR
 # Tiles per side of the grid added to the global crop; Molmo's crop count, scaled down.
 TIER_GRID = {"low": 0, "medium": 2, "high": 3}
 
