@@ -21,7 +21,7 @@ def accuracy_with_skipped(
     correct = 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        out = vlm.generate(images[start : start + batch_size], [s.question for s in chunk], skip_blocks=skip)
+        out = vlm.generate_skipping(images[start : start + batch_size], [s.question for s in chunk], skip)
         correct += sum(a == s.answer for a, s in zip(out.answers, chunk))
     return correct / len(samples)
 

@@ -109,7 +109,7 @@ def test_tensors_are_created_on_the_module_device(tiny_vlm, samples, table, pool
 
     with DeviceRecorder() as recorder:
         vlm.generate(images, questions, knobs, 3)
-        vlm.generate(images, questions, None, 3, skip_blocks=[2, 5])
+        vlm.generate_skipping(images, questions, [2, 5], 3)
         stage1 = [(k.tier, k.insertion_position) for k in knobs]
         probe = controller_a.probe_embeddings(table.relative(budgets))
         vlm.partial_forward(images, questions, stage1, probe)
