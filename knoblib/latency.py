@@ -807,14 +807,13 @@ def profile_command(
     Uses the first ``num_samples`` samples of the test split (families come in shuffled
     rounds, so a few samples already mix question families and lengths).
     """
-    from .data import data_path, load_split, split_path
+    from .assets import load_samples
     from .vlm import KnobVLM
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} is invalid: must be an integer >= 1")
     vlm = KnobVLM.from_pretrained(model_dir)
-    data_dir = data_path("vqa") if data_dir is None else Path(data_dir)
-    samples = load_split(split_path(data_dir, "test"))[:num_samples]
+    samples = load_samples("test", num_samples, data_dir)
     print(
         f"profiling {len(vlm.knob_space)} configurations of {model_dir} on {len(samples)} samples "
         f"(T={answer_tokens}, repeats={repeats}, warmup={warmup}, torch threads={torch.get_num_threads()})",

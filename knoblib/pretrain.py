@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .accuracy import accuracy
-from .data import DESCRIBE_QUESTION, VQASample, load_split, load_tokenizer, split_path
+from .assets import load_samples
+from .data import DESCRIBE_QUESTION, VQASample, load_tokenizer
 from .vlm import KnobVLM, VLMConfig
 
 
@@ -103,10 +104,8 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
-    train = load_split(split_path(Path(data_dir) / "vqa", "train"))
-    val = load_split(split_path(Path(data_dir) / "vqa", "val"))[: cfg.eval_size]
-    if cfg.train_size is not None:
-        train = train[: cfg.train_size]
+    train = load_samples("train", cfg.train_size, Path(data_dir) / "vqa")
+    val = load_samples("val", cfg.eval_size, Path(data_dir) / "vqa")
     if not val:
         raise ValueError(f"the val split in {Path(data_dir) / 'vqa'} is empty: pretraining checks its accuracy there")
     images = render_all(train)

@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .data import VQASample, data_path, generate_split, load_split, split_path
+from .data import VQASample, data_path, generate_split
 from .evaluate import LookupTablePolicy, load_config_accuracy
 from .features import LanguageFeatureExtractor
 from .knobs import KnobConfig
@@ -226,8 +226,8 @@ class BudgetExplorer:
     def from_shipped(cls, num_samples: int = 8, split: str = "val", **kwargs) -> "BudgetExplorer":
         """The explorer over the shipped assets in ``data/``: the VLM, latency table,
         validation accuracies, both controllers and the first ``num_samples`` of ``split``."""
+        from .assets import load_assets, load_samples
         from .controller import TwoStageController
-        from .training import load_assets
 
         vlm, table = load_assets()
         controllers = {
@@ -237,7 +237,7 @@ class BudgetExplorer:
             for mode in MODES
         }
         accuracy = load_config_accuracy(data_path("config_accuracy_val.json"))
-        samples = load_split(split_path(data_path("vqa"), split))[:num_samples]
+        samples = load_samples(split, num_samples)
         return cls(vlm, controllers, table, accuracy, samples, **kwargs)
 
     # --- inputs -----------------------------------------------------------------------

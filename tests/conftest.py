@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from knoblib.data import data_path, load_split, load_tokenizer, split_path
+from knoblib.assets import load_samples
+from knoblib.data import load_tokenizer
 
 # The test models are tiny: one intra-op thread is as fast as two on an idle machine, and
 # on a busy one (training alongside) two threads spin-wait and run ~100x slower.
@@ -67,7 +68,7 @@ def tiny_vlm(tokenizer):
 @pytest.fixture(scope="session")
 def samples():
     """The first eight samples of the shipped val split."""
-    return load_split(split_path(data_path("vqa"), "val"))[:8]
+    return load_samples("val", 8)
 
 
 @pytest.fixture(scope="session")
