@@ -73,7 +73,8 @@ def samples():
 
 @pytest.fixture(scope="session")
 def notebook_results(tmp_path_factory):
-    """Run a tutorial notebook in smoke mode through papermill; return (results dict, seconds).
+    """A function that runs a tutorial notebook (by name) in smoke mode through papermill, once per
+    session, and returns (results dict, seconds, path of the executed notebook).
 
     The kernel is the venv's (``knoblib``), the working directory the notebook's folder,
     each cell has a timeout, and MPLBACKEND is unset so figures are kept.
@@ -95,3 +96,34 @@ def notebook_results(tmp_path_factory):
         return cache[name]
 
     return run
+
+
+# --- the notebook tests (tests/test_nbXX.py): each module names its notebook in NOTEBOOK ---
+@pytest.fixture(scope="module")
+def run(request, notebook_results):
+    """The module's notebook (its ``NOTEBOOK``, e.g. ``"04_grpo_update"``) in smoke mode.
+
+    Returns (results dict, seconds, path of the executed notebook).
+    """
+    return notebook_results(request.module.NOTEBOOK)
+
+
+@pytest.fixture(scope="module")
+def results(run):
+    """The numbers the module's notebook wrote to its results JSON."""
+    return run[0]
+
+
+@pytest.fixture(scope="module")
+def outputs(run):
+    """Every code-cell output of the module's executed notebook."""
+    import nbformat
+
+    notebook = nbformat.read(str(run[2]), as_version=4)
+    return [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+
+
+@pytest.fixture(scope="module")
+def figures(outputs):
+    """How many figures (PNG outputs) the module's executed notebook kept."""
+    return sum("image/png" in out.get("data", {}) for out in outputs)
