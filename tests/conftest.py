@@ -46,11 +46,11 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm(tokenizer):
-    """A randomly initialised (seeded) 8-block, 8-expert, top-4 VLM. Do not modify: deep-copy first."""
-    from knoblib.vlm import KnobVLM, VLMConfig
+def tiny_config():
+    """The sizes of ``tiny_vlm``: 8 blocks, 8 experts, top-4, width 32."""
+    from knoblib.vlm import VLMConfig
 
-    config = VLMConfig(
+    return VLMConfig(
         hidden_size=32,
         num_layers=8,
         num_heads=2,
@@ -62,7 +62,57 @@ def tiny_vlm(tokenizer):
         vision_heads=2,
         vision_intermediate_size=32,
     )
-    return KnobVLM.from_config(config, tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tokenizer, tiny_config):
+    """A randomly initialised (seeded) 8-block, 8-expert, top-4 VLM. Do not modify: deep-copy first."""
+    from knoblib.vlm import KnobVLM
+
+    return KnobVLM.from_config(tiny_config, tokenizer, seed=0)
+
+
+@pytest.fixture(scope="module")
+def peaky_vlm(tiny_vlm):
+    """A deep copy of the tiny model with larger seeded weights, one per test module.
+
+    Random initialisation gives degenerate greedy tokens and flat routing; these weights
+    make the greedy answers vary and the router's top-k matter, so comparisons mean something.
+    """
+    import copy
+    import math
+
+    model = copy.deepcopy(tiny_vlm)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.model.named_parameters():
+            if param.dim() < 2:
+                continue
+            std = 1.0 if "embed_tokens" in name else 1.0 / math.sqrt(param.shape[-1])
+            if "gate.weight" in name or "lm_head" in name:
+                std *= 4  # peakier routing and logits: top-k and argmax margins matter
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return model
+
+
+@pytest.fixture(scope="session")
+def prefill_logits():
+    """A function ``(vlm, images, questions, knobs)`` -> the executor's logits (B, V) at the last
+    prompt position (one prefill built from the executor's pieces, no cache); ``knobs`` is one
+    ``KnobConfig`` or one per row."""
+    from knoblib.knobs import KnobConfig
+
+    @torch.no_grad()
+    def logits(vlm, images, questions, knobs):
+        plan = vlm.plan([knobs] * len(images) if isinstance(knobs, KnobConfig) else knobs)
+        inputs = vlm.build_inputs(images, questions, plan.tiers)
+        embeds = vlm.embed(inputs["input_ids"], inputs["pixel_values"])
+        mask = inputs["attention_mask"]
+        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        hidden, _ = vlm.forward_blocks(embeds, mask, position_ids, plan)
+        return vlm.logits(hidden[:, -1])
+
+    return logits
 
 
 @pytest.fixture(scope="session")

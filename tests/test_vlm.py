@@ -1,8 +1,8 @@
 """The knob executor is exact: each knob is checked against transformers itself.
 
 A randomly initialised model gives degenerate greedy tokens, so the tests run on a
-deep copy of the session's tiny model with larger, seeded weights (``vlm`` below) and
-compare both the greedy token sequences and the last-position prefill logits.
+deep copy of the session's tiny model with larger, seeded weights (conftest's
+``peaky_vlm``) and compare both the greedy token sequences and the last-position prefill logits.
 """
 
 import contextlib
@@ -31,19 +31,9 @@ RTOL = 1e-4
 
 # --- fixtures and helpers ----------------------------------------------------------
 @pytest.fixture(scope="module")
-def vlm(tiny_vlm):
-    """A deep copy of the tiny model with larger seeded weights, so greedy answers vary."""
-    model = copy.deepcopy(tiny_vlm)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.model.named_parameters():
-            if param.dim() < 2:
-                continue
-            std = 1.0 if "embed_tokens" in name else 1.0 / math.sqrt(param.shape[-1])
-            if "gate.weight" in name or "lm_head" in name:
-                std *= 4  # peakier routing and logits: top-k and argmax margins matter
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return model
+def vlm(peaky_vlm):
+    """The tiny model with larger seeded weights (conftest), so greedy answers vary."""
+    return peaky_vlm
 
 
 @pytest.fixture(scope="module")
