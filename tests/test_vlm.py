@@ -129,7 +129,7 @@ def without_layers(model, dropped):
     kept = [layer for i, layer in enumerate(lm.layers) if i not in set(dropped)]
     lm.layers = torch.nn.ModuleList(kept)
     model.config.text_config.num_hidden_layers = len(kept)
-    # The cache is indexed by layer_idx: kept layers must be numbered 0..n-1 (DESIGN.md §5).
+    # The cache is indexed by layer_idx: kept layers must be numbered 0..n-1.
     for new_idx, layer in enumerate(kept):
         layer.self_attn.layer_idx = new_idx
     return model
