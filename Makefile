@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.knoblib-installed
-# The venv's own kernelspec wins over any user-level one (see DESIGN.md section 6).
+# The venv's own kernelspec wins over any user-level one.
 export JUPYTER_PATH := $(CURDIR)/$(VENV)/share/jupyter
 # Executed notebooks must keep their figures.
 unexport MPLBACKEND

@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from knoblib.data import data_path, load_split, split_path
+from knoblib.assets import load_assets, load_samples
+from knoblib.data import data_path
 from knoblib.latency import machine_info
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,8 +72,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def load(args: argparse.Namespace):
     """The VLM and its latency table (checked to belong together), in eval mode."""
-    from knoblib.training import load_assets
-
     quiet_transformers()
     vlm, table = load_assets(args.model, args.table)
     return vlm.eval(), table
@@ -80,7 +79,7 @@ def load(args: argparse.Namespace):
 
 def request_items(count: int) -> list[tuple[torch.Tensor, str]]:
     """(image, question) of the first ``count`` test samples, rendered once (rendering is not timed)."""
-    samples = load_split(split_path(data_path("vqa"), "test"))[:count]
+    samples = load_samples("test", count)
     if not samples:
         raise ValueError("the test split is empty: regenerate data/vqa with `python -m knoblib data`")
     return [(s.image(), s.question) for s in samples]

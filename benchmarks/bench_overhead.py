@@ -27,8 +27,9 @@ import sys
 
 from _common import check_args, finish, header, load, machine, make_parser, ms, repeat_command, run_rounds, verdict
 
+from knoblib.assets import load_samples
 from knoblib.controller import TwoStageController
-from knoblib.data import data_path, load_split, split_path
+from knoblib.data import data_path
 from knoblib.evaluate import ControllerPolicy
 from knoblib.serving import BudgetedVLM
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     vlm, table = load(args)
     space = vlm.knob_space
-    test = load_split(split_path(data_path("vqa"), "test"))
+    test = load_samples("test")
     questions = [s.question for s in test[: args.questions]]
     budget = 0.5 * (table.latency(table.fastest(), 0.95) + table.latency(space.full(), 0.95))
     policies = {

@@ -27,7 +27,8 @@ import time
 
 from _common import finish, header, machine, make_parser, repeat_command, verdict
 
-from knoblib.data import data_path, load_split, split_path
+from knoblib.assets import load_samples
+from knoblib.data import data_path
 from knoblib.evaluate import LookupTablePolicy, load_config_accuracy
 from knoblib.serving import BudgetedVLM, Server
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     served = BudgetedVLM.from_pretrained(mode=args.mode)
     vlm, table = served.vlm, served.table
-    test = load_split(split_path(data_path("vqa"), "test"))[: args.n]
+    test = load_samples("test", args.n)
     images = [s.image() for s in test]
     lookup = Server(vlm, LookupTablePolicy(table, load_config_accuracy(data_path("config_accuracy_val.json")), served.quantile), table)
     lookup.warm_up(images, [s.question for s in test])

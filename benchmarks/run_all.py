@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"bench_modes: step time {rat}; forwards per request: {fwd}")
     print(
         f"bench_modes: partial forward = {min(share[top].values()):.1f}-{max(share[top].values()):.1f} % "
-        f"of a full batch-1 generate ({top} tier, p=1..{len(share[top])}; the seed assumed 50 %)"
+        f"of a full batch-1 generate ({top} tier, p=1..{len(share[top])}; the original system assumed 50 %)"
     )
     d = overhead["decision"]
     print(

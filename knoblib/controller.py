@@ -35,9 +35,7 @@ from transformers import initialization as init
 
 from .features import BudgetProbe, LatencyBudgetEncoder
 from .guard import block_options, position_options, tier_options, top_k_options
-from .knobs import KnobConfig, KnobSpace
-
-KNOB_NAMES: tuple[str, ...] = ("tier", "insertion_position", "top_k", "num_active_blocks")
+from .knobs import KNOB_FIELDS as KNOB_NAMES, KnobConfig, KnobSpace
 
 
 def _check_features(name: str, x: torch.Tensor | None, dim: int, rows: int | None = None) -> torch.Tensor:

@@ -28,8 +28,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .accuracy import correct_answers, family_accuracy
 from .data import VQASample
-from .evaluate import config_accuracy, knob_table_configs
+from .evaluate import knob_table_configs
 from .knobs import KnobConfig
 from .vlm import KnobVLM
 
@@ -127,12 +128,13 @@ def router_mass(vlm: KnobVLM, samples: Sequence[VQASample], batch_size: int = 64
 
 
 def _accuracy(vlm: KnobVLM, samples: Sequence[VQASample], images: list[torch.Tensor], knobs: KnobConfig, batch_size: int) -> dict:
-    return config_accuracy(vlm, list(samples), [knobs], batch_size=batch_size, images=images, progress=False)[knobs]
+    correct = correct_answers(vlm, samples, knobs, images=images, batch_size=batch_size)
+    return family_accuracy(samples, correct)
 
 
 @torch.no_grad()
 def expert_ablation(vlm: KnobVLM, samples: Sequence[VQASample], batch_size: int = 64) -> dict:
-    """Per-family accuracy (``evaluate.config_accuracy``'s dict: fractions, ``all`` overall) per expert setting.
+    """Per-family accuracy (``accuracy.family_accuracy``'s dict: fractions, ``all`` overall) per expert setting.
 
     Returns ``{"rows": [{"name", "experts" (experts used per token), "accuracy": {...}}, ...]}`` in
     this order: every ``top_k`` knob option from the default down (all blocks, high tier,

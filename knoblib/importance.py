@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from .accuracy import accuracy
 from .data import VQASample
 from .vlm import KnobVLM
 
 
-@torch.no_grad()
 def accuracy_with_skipped(
     vlm: KnobVLM, samples: list[VQASample], images: list[torch.Tensor], skip: list[int], batch_size: int = 64
 ) -> float:
     """Accuracy of greedy answers at the full configuration with the blocks ``skip`` removed."""
-    correct = 0
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        out = vlm.generate(images[start : start + batch_size], [s.question for s in chunk], skip_blocks=skip)
-        correct += sum(a == s.answer for a, s in zip(out.answers, chunk))
-    return correct / len(samples)
+    return accuracy(vlm, samples, skip_blocks=skip, images=images, batch_size=batch_size)
 
 
 def block_importance(vlm: KnobVLM, samples: list[VQASample], batch_size: int = 64, progress: bool = True) -> dict:

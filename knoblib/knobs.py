@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from itertools import product
 from typing import Iterator
 
@@ -73,6 +73,10 @@ class KnobConfig:
     def short(self) -> str:
         """A compact label such as ``high/p2/k4/b7`` for tables and plots."""
         return f"{self.tier}/p{self.insertion_position}/k{self.top_k}/b{self.num_active_blocks}"
+
+
+# The knob names, in the order a controller chooses them (and ``KnobConfig``'s field order).
+KNOB_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(KnobConfig))
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .knobs import TIERS, KnobConfig, KnobSpace
+from .knobs import KNOB_FIELDS, TIERS, KnobConfig, KnobSpace
 
 FILE_FORMAT = "knoblib-latency-table"
 FILE_VERSION = 2
 PROFILE_COMMAND = "python -m knoblib profile-latency"
-KNOB_FIELDS = ("tier", "insertion_position", "top_k", "num_active_blocks")
 # The tail quantiles a table keeps (besides the median); the budget guard uses one of them.
 QUANTILES: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.99)
 # Tokens decoded per measurement: one word plus end-of-sequence, what the shipped
@@ -808,14 +807,13 @@ def profile_command(
     Uses the first ``num_samples`` samples of the test split (families come in shuffled
     rounds, so a few samples already mix question families and lengths).
     """
-    from .data import data_path, load_split, split_path
+    from .assets import load_samples
     from .vlm import KnobVLM
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} is invalid: must be an integer >= 1")
     vlm = KnobVLM.from_pretrained(model_dir)
-    data_dir = data_path("vqa") if data_dir is None else Path(data_dir)
-    samples = load_split(split_path(data_dir, "test"))[:num_samples]
+    samples = load_samples("test", num_samples, data_dir)
     print(
         f"profiling {len(vlm.knob_space)} configurations of {model_dir} on {len(samples)} samples "
         f"(T={answer_tokens}, repeats={repeats}, warmup={warmup}, torch threads={torch.get_num_threads()})",

@@ -1,11 +1,10 @@
 """Figures for the tutorial notebooks and the CLI (matplotlib).
 
-Every function takes plain data (lists, dicts, tensors, arrays, the package's own
-dataclasses), draws one new figure, does no I/O and returns the ``matplotlib.figure.Figure``.
-In a notebook the returned figure is shown inline; elsewhere save it with
+Every plotting function takes plain data (lists, dicts, tensors, arrays, the package's own
+dataclasses), draws one new figure, does no I/O and returns the ``matplotlib.figure.Figure``
+(:func:`figure_png` turns one into PNG bytes). In a notebook the returned figure is shown inline; elsewhere save it with
 ``fig.savefig(path)``. Nothing here sets a matplotlib backend: an inherited
-``MPLBACKEND=Agg`` would silently drop the figures of executed notebooks (DESIGN.md
-section 6).
+``MPLBACKEND=Agg`` would silently drop the figures of executed notebooks.
 
 | function | what it shows |
 |---|---|
@@ -13,6 +12,8 @@ section 6).
 | :func:`show_crops`, :func:`show_tiers` | the crops the vision tower sees for a tier (or every tier) |
 | :func:`plot_knob_table` | accuracy per question family and latency, each knob moved alone |
 | :func:`plot_pareto` (+ :func:`pareto_front`) | accuracy vs profiled latency of every fixed configuration |
+| :func:`plot_budget_choice` | one request at one budget: its image and answer beside the Pareto plot and the budget |
+| :func:`plot_budget_response` | the latency each policy chooses for one request, against the budget |
 | :func:`plot_block_importance` | accuracy lost when each block alone is removed |
 | :func:`plot_expert_ablation` | router mass kept by the k strongest experts, accuracy with fewer experts |
 | :func:`plot_latency_breakdown` | latency per value of each knob |
@@ -27,10 +28,12 @@ section 6).
 | :func:`plot_reward_curves` | reward against latency / budget per reward formula |
 | :func:`plot_policy_update` | per rollout: advantage and the change of its log-probability |
 | :func:`live_training_curves` | a trainer callback redrawing ``plot_training_curves`` in place |
+| :func:`figure_png` | a figure as PNG bytes |
 """
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -42,8 +45,8 @@ import torch
 from matplotlib.figure import Figure
 
 from .data import FAMILIES
-from .knobs import TIERS, KnobConfig
-from .latency import KNOB_FIELDS, LatencyTable
+from .knobs import KNOB_FIELDS, TIERS, KnobConfig
+from .latency import LatencyTable
 
 # One color per tier and per question family, used consistently across figures.
 TIER_COLORS = {"low": "#1b9e77", "medium": "#d95f02", "high": "#7570b3"}
@@ -330,6 +333,98 @@ def plot_pareto(
     ax.set_title(f"{len(configs)} fixed configurations")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_budget_choice(
+    config_accuracy: Mapping[KnobConfig, Mapping[str, float]],
+    table: LatencyTable,
+    budget_ms: float,
+    choices: Mapping[str, KnobConfig],
+    image: torch.Tensor,
+    question: str,
+    answer: str,
+    truth: str,
+    latency_ms: float,
+) -> Figure:
+    """One request at one budget: its image, question and answer, beside ``plot_pareto``
+    with the chosen configurations circled and the budget drawn as a vertical line (the
+    latencies over it shaded).
+
+    Args:
+        config_accuracy, table: as in ``plot_pareto``.
+        budget_ms: the latency budget.
+        choices: {label: configuration} to circle (e.g. the controller's and the lookup table's).
+        image: the request's uint8 image (3, H, W); question: its question.
+        answer / truth: the model's answer and the true one; latency_ms: the answer's
+            profiled latency (compared with the budget in the caption).
+    """
+    fig = plot_pareto(config_accuracy, table, highlight=choices)
+    pareto = fig.axes[0]
+    lo, hi = pareto.get_xlim()
+    lo, hi = min(lo, budget_ms * 0.97), max(hi, budget_ms * 1.03)
+    pareto.axvline(budget_ms, color="#e31a1c", ls="--", lw=1.5, label=f"budget {budget_ms:.1f} ms")
+    pareto.axvspan(budget_ms, hi, color="#e31a1c", alpha=0.06)
+    pareto.set_xlim(lo, hi)
+    pareto.set_ylim(-8, 104)  # full scale, room for labels below 0 %: the axes stay put as the budget moves
+    pareto.legend(fontsize=8, loc="best")
+    pareto.set_title(f"{pareto.get_title()}; shaded: over the budget", fontsize=10)
+    # Widen the figure and put the request's image on its left.
+    width, height = fig.get_size_inches()
+    extra = 3.4
+    total = width + extra
+    for ax in fig.axes:
+        box = ax.get_position()
+        ax.set_position([(extra + box.x0 * width) / total, box.y0, box.width * width / total, box.height])
+    fig.set_size_inches(total, height)
+    image_ax = fig.add_axes([0.25 / total, 0.2, (extra - 0.6) / total, 0.62])
+    image_ax.imshow(_image_hwc(image), interpolation="nearest")
+    image_ax.set_xticks([])
+    image_ax.set_yticks([])
+    image_ax.set_title(textwrap.fill(question, 30), fontsize=9)
+    correct = answer == truth
+    verdict = "correct" if correct else f"wrong, truth: {truth}"
+    image_ax.set_xlabel(
+        f"answer: {answer or '<empty>'} ({verdict})\n{latency_ms:.1f} ms "
+        f"{'>' if latency_ms > budget_ms else '<='} budget {budget_ms:.1f} ms",
+        fontsize=9,
+        color="#1a7f37" if correct else "#b2182b",
+    )
+    return fig
+
+
+def plot_budget_response(
+    budgets_ms: Sequence[float], policies: Mapping[str, Sequence[tuple[float, bool, KnobConfig]]], request: str
+) -> Figure:
+    """The profiled latency each policy chooses for one request, against the budget.
+
+    Points above the diagonal violate the budget; filled markers answered correctly; the
+    knobs are written where they change.
+
+    Args:
+        budgets_ms: the budgets (x).
+        policies: name -> one (latency_ms, correct, knobs) per budget.
+        request: names the request in the title.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.plot(budgets_ms, budgets_ms, color="#999999", ls="--", lw=1, label="latency = budget")
+    for (name, points), marker in zip(policies.items(), "osD"):
+        latencies = [p[0] for p in points]
+        (line,) = ax.plot(budgets_ms, latencies, marker=marker, ms=6, lw=1.2, label=name, mfc="none")
+        hits = [(b, p[0]) for b, p in zip(budgets_ms, points) if p[1]]
+        if hits:
+            ax.plot(*zip(*hits), ls="none", marker=marker, ms=6, color=line.get_color())
+        # Label the knobs where they change (and at the start): the budget's effect, in words.
+        for i, (b, p) in enumerate(zip(budgets_ms, points)):
+            if i == 0 or p[2] != points[i - 1][2]:
+                ax.annotate(p[2].short(), (b, p[0]), xytext=(4, 5), textcoords="offset points",
+                            fontsize=7, color=line.get_color())
+    ax.set_xlabel("latency budget (ms)")
+    ax.set_ylabel("profiled latency of the chosen knobs (ms)")
+    ax.set_title(f"{request}: above the diagonal = over budget; filled = correct", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -851,3 +946,11 @@ def live_training_curves(keys: Sequence[str], every: int = 10, total_steps: int 
 
     callback.history = history
     return callback
+
+
+# --- output ------------------------------------------------------------------------------
+def figure_png(fig: Figure, dpi: int = 80) -> bytes:
+    """PNG bytes of a figure (what a widget shows in place of an inline figure)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

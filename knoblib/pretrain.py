@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import DESCRIBE_QUESTION, VQASample, load_split, load_tokenizer, split_path
-from .knobs import KnobConfig
+from .accuracy import accuracy
+from .assets import load_samples
+from .data import DESCRIBE_QUESTION, VQASample, load_tokenizer
 from .vlm import KnobVLM, VLMConfig
 
 
@@ -87,18 +88,6 @@ def render_all(samples: list[VQASample]) -> torch.Tensor:
     return torch.stack([s.image() for s in samples])
 
 
-@torch.no_grad()
-def accuracy(vlm: KnobVLM, samples: list[VQASample], knobs: KnobConfig, batch_size: int = 64, images=None) -> float:
-    """Exact-match accuracy of greedy answers under one configuration."""
-    correct = 0
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        imgs = [s.image() for s in chunk] if images is None else list(images[start : start + batch_size])
-        out = vlm.generate(imgs, [s.question for s in chunk], knobs)
-        correct += sum(a == s.answer for a, s in zip(out.answers, chunk))
-    return correct / max(1, len(samples))
-
-
 def pretrain(
     cfg: PretrainConfig,
     data_dir: Path,
@@ -115,10 +104,10 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = load_tokenizer(Path(data_dir) / "tokenizer")
-    train = load_split(split_path(Path(data_dir) / "vqa", "train"))
-    val = load_split(split_path(Path(data_dir) / "vqa", "val"))[: cfg.eval_size]
-    if cfg.train_size is not None:
-        train = train[: cfg.train_size]
+    train = load_samples("train", cfg.train_size, Path(data_dir) / "vqa")
+    val = load_samples("val", cfg.eval_size, Path(data_dir) / "vqa")
+    if not val:
+        raise ValueError(f"the val split in {Path(data_dir) / 'vqa'} is empty: pretraining checks its accuracy there")
     images = render_all(train)
     val_images = render_all(val)
     vlm = KnobVLM.from_config(cfg.vlm, tokenizer, seed=cfg.seed)

@@ -17,6 +17,17 @@ the work done, in prefill and in every cached decode step:
   The probe is last and attention is causal, so no other position sees it; it is
   removed from the cache before decoding, so answers do not change.
 
+Two entry points answer, sharing one prefill (``_prompt``: embed, optional probe,
+positions; then the block loop over a KV cache) and one greedy decode loop:
+
+* :meth:`KnobVLM.answer_with_knobs`: every knob known before the model runs (serving,
+  Mode B, the naive Mode A's second forward);
+* :meth:`KnobVLM.answer_resumable`: Mode A in one forward, Stage 1 known, Stage 2 chosen
+  by a ``decide`` callback at each row's pause.
+
+``generate`` calls one or the other, by its arguments; ``partial_forward`` is the naive
+Mode A's extra forward to p, and ``generate_skipping`` (analysis only) skips any blocks.
+
 The loop reproduces ``LlavaForConditionalGeneration.generate`` (greedy) exactly at the
 full configuration; ``tests/test_vlm.py`` checks this and each knob against
 transformers models built to match.
@@ -26,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,11 +53,12 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from .data import IMAGE_SIZE, LOW_TIER_FACTOR
 from .knobs import TIERS, KnobConfig, KnobSpace
 
 KNOBLIB_CONFIG_NAME = "knoblib_vlm.json"
-IMAGE_SIZE = 48
-CROP_SIZE = 16
+# The side of one crop: the low tier's global view is the image area-downsampled by this factor.
+CROP_SIZE = IMAGE_SIZE // LOW_TIER_FACTOR
 # Tiles per side of the grid added to the global crop; Molmo's crop count, scaled down.
 TIER_GRID = {"low": 0, "medium": 2, "high": 3}
 
@@ -208,9 +220,11 @@ def _check_images(images) -> None:
         )
 
 
-def _check_token_count(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} is invalid: must be an int >= {low}")
+def _check_token_counts(max_new_tokens, min_new_tokens) -> None:
+    """Both token counts are ints: ``max_new_tokens >= 1``, ``min_new_tokens >= 0``."""
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("min_new_tokens", min_new_tokens, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} is invalid: must be an int >= {low}")
 
 
 def as_row_knobs(knobs, batch: int) -> list[KnobConfig]:
@@ -244,7 +258,8 @@ class RowPlan:
     Attributes:
         tiers: one tier per row.
         insertion_positions: (B,) long, p per row.
-        top_k: (B,) long, experts per token for blocks >= p (-1 while undecided).
+        top_k: (B,) long, experts per token for blocks >= p (the default until a
+            resumable row's Stage 2 decides).
         run_block: (B, L) bool, whether row b runs block l.
     """
 
@@ -252,6 +267,11 @@ class RowPlan:
     insertion_positions: torch.Tensor
     top_k: torch.Tensor
     run_block: torch.Tensor
+
+    def knobs(self) -> list[KnobConfig]:
+        """The configuration each row runs: (tier, p, top_k, number of blocks it runs)."""
+        rows = zip(self.tiers, self.insertion_positions.tolist(), self.top_k.tolist(), self.run_block.sum(1).tolist())
+        return [KnobConfig(t, p, k, n) for t, p, k, n in rows]
 
 
 @dataclass
@@ -269,8 +289,27 @@ class _HostPlan:
 
 
 @dataclass
+class _Prompt:
+    """A batch embedded for the block loop (``KnobVLM._prompt``).
+
+    Attributes:
+        embeds: (B, T, d) token embeddings with the image features in place, the probe last if any.
+        attention_mask: (B, T) 1 on tokens, 0 on the left padding.
+        position_ids: (B, T) each row's own positions (0 on padding).
+        probe_index: the probe's position (T - 1), or None without a probe.
+        inputs: ``build_inputs``' dict (its ``attention_mask`` covers the prompt alone).
+    """
+
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    probe_index: int | None
+    inputs: dict
+
+
+@dataclass
 class GenerationOutput:
-    """What ``KnobVLM.generate`` returns.
+    """What ``KnobVLM``'s answering methods return.
 
     Attributes:
         answers: decoded answer per row (special tokens removed).
@@ -546,6 +585,31 @@ class KnobVLM(torch.nn.Module):
             run_block=torch.stack([self.run_mask(k.insertion_position, k.num_active_blocks) for k in knobs]),
         )
 
+    def _stage1_plan(self, stage1: Sequence[tuple[str, int]], probe_embeddings, batch: int) -> RowPlan:
+        """Check Mode A's inputs and plan rows whose Stage-2 knobs are not chosen yet.
+
+        Each row gets its (tier, p), every block its p allows and the default top-k; a
+        resumable forward replaces the Stage-2 knobs at the row's pause.
+        """
+        if probe_embeddings is None:
+            raise ValueError("Mode A needs probe_embeddings to read the latency token")
+        if len(stage1) != batch:
+            raise ValueError(f"stage1 has {len(stage1)} rows for a batch of {batch}")
+        k0 = self.default_top_k
+        # block_options validates p.
+        return self.plan([KnobConfig(tier, p, k0, self.knob_space.block_options(p)[-1]) for tier, p in stage1])
+
+    def _check_request(self, images, questions, probe_embeddings: torch.Tensor | None = None) -> int:
+        """Check a batch's images, questions and probe embeddings (B, d) at an entry point; return B."""
+        _check_images(images)
+        _check_questions(questions)
+        batch = len(images)
+        if probe_embeddings is not None and tuple(probe_embeddings.shape) != (batch, self.hidden_size):
+            raise ValueError(
+                f"probe_embeddings has shape {tuple(probe_embeddings.shape)}: expected ({batch}, {self.hidden_size})"
+            )
+        return batch
+
     # --- the executor -------------------------------------------------------------
     def _route_mask_hook(self, module, args, output):
         """Zero routing weights past each token's own top-k (mixed-top-k batches only).
@@ -571,12 +635,46 @@ class KnobVLM(torch.nn.Module):
         mask = inner.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
         return embeds.masked_scatter(mask, features)
 
+    def _prompt(
+        self,
+        images: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        plan: RowPlan,
+        answers: Sequence[str] | None = None,
+        *,
+        probe_embeddings: torch.Tensor | None = None,
+        reserved_positions: int = 0,
+    ) -> _Prompt:
+        """Tokenise and embed a batch for the block loop, the probe (B, d) appended last if given.
+
+        ``reserved_positions`` counts the positions still to come after the prompt (the
+        decoded tokens); the probe reserves its own.
+        """
+        probe = probe_embeddings is not None
+        inputs = self.build_inputs(
+            images, questions, plan.tiers, answers, reserved_positions=reserved_positions + (1 if probe else 0)
+        )
+        embeds = self.embed(inputs["input_ids"], inputs["pixel_values"])
+        attention_mask = inputs["attention_mask"]
+        if probe:
+            # The probe goes last: causal attention keeps every other position blind to it.
+            embeds = torch.cat([embeds, probe_embeddings[:, None, :].to(embeds)], dim=1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(attention_mask), 1)], dim=1)
+        # Left padding: each row counts its own positions from 0, as transformers' generate does.
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        return _Prompt(embeds, attention_mask, position_ids, embeds.shape[1] - 1 if probe else None, inputs)
+
     def _run_block(self, idx: int, hidden, rows: "_HostPlan", ctx: dict) -> torch.Tensor:
         """Run block ``idx`` for the rows that execute it, with their top-k."""
         run = [r[idx] for r in rows.run_block]
         if not any(run):
+            # Departs from OlmoeModel.forward: a block no row runs is not called at all
+            # (its cache layer stays empty).
             return hidden
-        # Blocks < p keep the default; rows still undecided (Mode A) are before their p.
+        # Departs from OlmoeModel.forward: the router's top-k is set per block (blocks
+        # < p keep the default; rows still undecided in Mode A are before their p) and
+        # per row: the router runs the batch's largest k and a hook zeroes each row's
+        # weights past its own k.
         row_k = [k if (d and p <= idx) else self.default_top_k for k, d, p in zip(rows.top_k, rows.decided, rows.p)]
         layer = self.layers[idx]
         gate = layer.mlp.gate
@@ -602,15 +700,16 @@ class KnobVLM(torch.nn.Module):
             gate.top_k = self.default_top_k
         if all(run):
             return out
-        # Rows that skip this block keep their residual stream unchanged.
+        # Departs from OlmoeModel.forward: rows that skip this block keep their residual stream.
         keep = torch.tensor(run, device=hidden.device)
         return torch.where(keep[:, None, None], out, hidden)
 
     def _context(self, embeds, attention_mask, position_ids, cache, plan: RowPlan) -> dict:
+        """The mask, positions, cache and rotary embeddings every block call shares."""
         lm = self.model.model.language_model
-        # The mask's key length comes from one cache layer; by default layer 0. Use the
-        # first block any row runs, so a skipped block 0 (block ranking) cannot
-        # silently shorten it (DESIGN.md section 5).
+        # Departs from OlmoeModel.forward: the mask's key length comes from one cache
+        # layer, by default layer 0. Use the first block any row runs, so a skipped
+        # block 0 (block ranking) cannot silently shorten it.
         first_run = int(plan.run_block.any(0).nonzero()[0]) if bool(plan.run_block.any()) else 0
         mask = create_causal_mask(
             config=lm.config,
@@ -635,35 +734,38 @@ class KnobVLM(torch.nn.Module):
         plan: RowPlan,
         cache: DynamicCache | None = None,
         *,
-        decided: torch.Tensor | None = None,
         probe_index: int | None = None,
         decide: Stage2Decider | None = None,
         stop_after: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the block loop over ``embeds`` (B, T, d) and return (hidden (B, T, d), latency tokens).
 
+        This is ``OlmoeModel.forward``'s layer loop (one causal mask, rotary embeddings
+        and cache for all blocks, the final norm left to ``logits``) with the departures
+        marked in the code: per-row block skipping and top-k (``_run_block``), the mask's
+        cache layer (``_context``), and the probe and pause here.
+
         With ``probe_index``, the hidden state at that position is read for row b after
-        block ``p_b - 1`` (the latency token, (B, d)). With ``decide``, rows whose
-        Stage-2 knobs are undecided get them from ``decide`` at their pause, and the
-        forward resumes from the same hidden states and cache. ``stop_after`` ends the
-        loop after that many blocks (a partial forward).
+        block ``p_b - 1`` (the latency token, (B, d)). With ``decide``, every row's
+        Stage-2 knobs are undecided until its pause, where ``decide`` chooses them and
+        the forward resumes from the same hidden states and cache. ``stop_after`` ends
+        the loop after that many blocks (a partial forward).
         """
         ctx = self._context(embeds, attention_mask, position_ids, cache, plan)
-        device = plan.insertion_positions.device
-        decided = torch.ones(len(plan.tiers), dtype=torch.bool, device=device) if decided is None else decided.to(device)
-        latency = None
-        if probe_index is not None:
-            latency = embeds.new_zeros(embeds.shape[0], embeds.shape[-1])
+        decided = torch.full((len(plan.tiers),), decide is None, dtype=torch.bool, device=plan.top_k.device)
+        latency = None if probe_index is None else embeds.new_zeros(embeds.shape[0], embeds.shape[-1])
         hidden = embeds
         # The plan as Python lists, read once per forward: the per-block decisions then
         # cost no tensor ops or device syncs (measurable at batch 1, where overhead dominates).
         host = _HostPlan.of(plan, decided)
         for idx in range(self.num_layers):
+            # Departs from OlmoeModel.forward: rows pause before block p, where the probe's
+            # hidden state (after block p-1) is the latency token and Stage 2 decides.
             if probe_index is not None and idx in host.p:
                 pausing = plan.insertion_positions == idx
                 latency[pausing] = hidden[pausing, probe_index]
                 undecided = pausing & ~decided
-                if decide is not None and bool(undecided.any()):
+                if bool(undecided.any()):
                     rows = undecided.nonzero().squeeze(1)
                     self._apply_stage2(plan, rows, *decide(latency[rows], rows))
                     decided = decided | undecided
@@ -674,6 +776,7 @@ class KnobVLM(torch.nn.Module):
         return hidden, latency
 
     def _apply_stage2(self, plan: RowPlan, rows: torch.Tensor, top_k, num_active_blocks) -> None:
+        # What ``decide`` returned comes from the caller's code: checked like any knob.
         if not len(top_k) == len(num_active_blocks) == len(rows):
             raise ValueError(
                 f"decide returned {len(top_k)} top_k and {len(num_active_blocks)} num_active_blocks "
@@ -686,101 +789,66 @@ class KnobVLM(torch.nn.Module):
             plan.run_block[row] = self.run_mask(knobs.insertion_position, knobs.num_active_blocks)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., V) of hidden states (..., d): the final norm, then the LM head."""
         return self.model.lm_head(self.model.model.language_model.norm(hidden))
 
-    @torch.inference_mode()
-    def generate(
+    def _answer(
         self,
         images: Sequence[torch.Tensor],
         questions: Sequence[str],
-        knobs: KnobConfig | Sequence[KnobConfig] | None = None,
-        max_new_tokens: int = 3,
-        *,
+        plan: RowPlan,
+        max_new_tokens: int,
+        min_new_tokens: int,
         probe_embeddings: torch.Tensor | None = None,
         decide: Stage2Decider | None = None,
-        stage1: Sequence[tuple[str, int]] | None = None,
-        min_new_tokens: int = 0,
-        skip_blocks: Sequence[int] | None = None,
     ) -> GenerationOutput:
-        """Greedy answers with every knob applied in prefill and in each cached decode step.
-
-        Args:
-            images: B uint8 tensors (3, 48, 48).
-            questions: B question strings.
-            knobs: one ``KnobConfig`` for all rows or one per row (all knobs known before
-                the model runs: serving and Mode B). Defaults to the full configuration.
-            max_new_tokens: most tokens to decode per row.
-            probe_embeddings: (B, d) input embedding of the probe token (Mode A). When
-                given, ``latency_tokens`` are returned.
-            decide: Mode A, resumable: instead of ``knobs``, pass ``stage1`` =
-                [(tier, insertion_position)] per row; at each row's pause ``decide`` maps
-                its latency token to (top_k, num_active_blocks).
-            min_new_tokens: decode at least this many tokens (fixed-length latency profiling).
-            skip_blocks: analysis only (the block ranking): skip exactly these blocks in
-                every row, overriding ``num_active_blocks``.
-        """
-        _check_token_count("max_new_tokens", max_new_tokens, 1)
-        _check_token_count("min_new_tokens", min_new_tokens, 0)
-        _check_images(images)
-        _check_questions(questions)
-        batch = len(images)
-        if stage1 is not None and decide is None:
-            raise ValueError("`stage1` is only used by resumable Mode A: pass `decide` with it, or `knobs` alone")
-        if decide is not None:
-            if stage1 is None or knobs is not None:
-                raise ValueError("resumable Mode A takes `stage1` [(tier, insertion_position)] and `decide`, not `knobs`")
-            if probe_embeddings is None:
-                raise ValueError("resumable Mode A needs probe_embeddings to read the latency token")
-            if len(stage1) != batch:
-                raise ValueError(f"stage1 has {len(stage1)} rows for a batch of {batch}")
-            full = self.knob_space.full()
-            row_knobs = []
-            for tier, p in stage1:
-                opts = self.knob_space.block_options(p)  # validates p
-                row_knobs.append(KnobConfig(tier, p, full.top_k, opts[-1]))
-            plan = self.plan(row_knobs)
-            decided = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        else:
-            plan = self.plan(as_row_knobs(self.knob_space.full() if knobs is None else knobs, batch))
-            decided = torch.ones(batch, dtype=torch.bool, device=self.device)
-            if skip_blocks is not None:
-                bad = [b for b in skip_blocks if not (isinstance(b, int) and 0 <= b < self.num_layers)]
-                if bad:
-                    raise ValueError(f"skip_blocks={list(skip_blocks)} is invalid: blocks are 0..{self.num_layers - 1}")
-                plan.run_block[:, list(skip_blocks)] = False
-
-        # Every decoded token (and the Mode-A probe) takes a position after the prompt.
-        reserved = max_new_tokens + (1 if probe_embeddings is not None else 0)
-        inputs = self.build_inputs(images, questions, plan.tiers, reserved_positions=reserved)
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        embeds = self.embed(input_ids, inputs["pixel_values"])
-        probe_index = None
-        if probe_embeddings is not None:
-            if tuple(probe_embeddings.shape) != (batch, self.hidden_size):
-                raise ValueError(
-                    f"probe_embeddings has shape {tuple(probe_embeddings.shape)}: expected ({batch}, {self.hidden_size})"
-                )
-            # The probe goes last: causal attention keeps every other position blind to it.
-            embeds = torch.cat([embeds, probe_embeddings[:, None, :].to(embeds)], dim=1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-            probe_index = embeds.shape[1] - 1
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        """Prefill with a KV cache (pausing for ``decide``), then greedy decoding: what every answering method runs."""
+        # Every decoded token takes a position after the prompt.
+        prompt = self._prompt(
+            images, questions, plan, probe_embeddings=probe_embeddings, reserved_positions=max_new_tokens
+        )
         cache = DynamicCache(config=self.model.config.text_config)
         hidden, latency = self.forward_blocks(
-            embeds, attention_mask, position_ids, plan, cache, decided=decided, probe_index=probe_index, decide=decide
+            prompt.embeds, prompt.attention_mask, prompt.position_ids, plan, cache,
+            probe_index=prompt.probe_index, decide=decide,
         )
-        last = -1
-        if probe_index is not None:
+        attention_mask, position_ids = prompt.attention_mask, prompt.position_ids
+        if prompt.probe_index is not None:
             # Remove the probe from the cache and the mask: decoding never sees it.
             cache.crop(-1)
-            attention_mask = attention_mask[:, :-1]
-            position_ids = position_ids[:, :-1]
-            last = -2
-        next_logits = self.logits(hidden[:, last])
+            hidden, attention_mask, position_ids = hidden[:, :-1], attention_mask[:, :-1], position_ids[:, :-1]
+        sequences = self._greedy_decode(
+            self.logits(hidden[:, -1]), plan, cache, attention_mask, position_ids[:, -1:] + 1,
+            max_new_tokens, min_new_tokens,
+        )
+        answers = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        return GenerationOutput(
+            answers=[a.strip() for a in answers],
+            sequences=sequences,
+            knobs=plan.knobs(),
+            latency_tokens=latency,
+            num_prompt_tokens=prompt.inputs["attention_mask"].sum(1),
+        )
+
+    def _greedy_decode(
+        self,
+        next_logits: torch.Tensor,
+        plan: RowPlan,
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        next_position: torch.Tensor,
+        max_new_tokens: int,
+        min_new_tokens: int,
+    ) -> torch.Tensor:
+        """Greedy tokens (B, T_new) from the prefill's last logits (B, V), one cached step per token.
+
+        A row that has emitted eos gets pad from then on; decoding ends when every row has,
+        but not before ``min_new_tokens`` (eos is masked until then).
+        """
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        batch = next_logits.shape[0]
         unfinished = torch.ones(batch, dtype=torch.bool, device=next_logits.device)
         generated = []
-        next_position = position_ids[:, -1:] + 1
         for step in range(max_new_tokens):
             if step < min_new_tokens:
                 next_logits[:, eos] = -torch.inf
@@ -795,18 +863,127 @@ class KnobVLM(torch.nn.Module):
             hidden, _ = self.forward_blocks(step_embeds, attention_mask, next_position, plan, cache)
             next_logits = self.logits(hidden[:, -1])
             next_position = next_position + 1
-        sequences = torch.stack(generated, dim=1)
-        answers = self.tokenizer.batch_decode(sequences, skip_special_tokens=True)
-        final_knobs = [
-            KnobConfig(t, int(p), int(k), int(m))
-            for t, p, k, m in zip(plan.tiers, plan.insertion_positions, plan.top_k, plan.run_block.sum(1))
-        ]
-        return GenerationOutput(
-            answers=[a.strip() for a in answers],
-            sequences=sequences,
-            knobs=final_knobs,
-            latency_tokens=latency,
-            num_prompt_tokens=inputs["attention_mask"].sum(1),
+        return torch.stack(generated, dim=1)
+
+    # --- answering ------------------------------------------------------------------
+    @torch.inference_mode()
+    def answer_with_knobs(
+        self,
+        images: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        knobs: KnobConfig | Sequence[KnobConfig] | None = None,
+        max_new_tokens: int = 3,
+        *,
+        probe_embeddings: torch.Tensor | None = None,
+        min_new_tokens: int = 0,
+    ) -> GenerationOutput:
+        """Greedy answers with every knob known before the model runs (serving, Mode B, naive Mode A).
+
+        Every knob is applied in prefill and in each cached decode step; rows of one batch
+        may have different knobs.
+
+        Args:
+            images: B uint8 tensors (3, 48, 48), or one (B, 3, 48, 48) tensor.
+            questions: B question strings.
+            knobs: one ``KnobConfig`` for all rows or one per row. Defaults to the full configuration.
+            max_new_tokens: most tokens to decode per row.
+            probe_embeddings: (B, d) input embedding of the probe token. When given,
+                ``latency_tokens`` are returned (the answers do not change).
+            min_new_tokens: decode at least this many tokens (fixed-length latency profiling).
+        """
+        _check_token_counts(max_new_tokens, min_new_tokens)
+        batch = self._check_request(images, questions, probe_embeddings)
+        plan = self.plan(as_row_knobs(self.knob_space.full() if knobs is None else knobs, batch))
+        return self._answer(images, questions, plan, max_new_tokens, min_new_tokens, probe_embeddings)
+
+    @torch.inference_mode()
+    def answer_resumable(
+        self,
+        images: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        stage1: Sequence[tuple[str, int]],
+        probe_embeddings: torch.Tensor,
+        decide: Stage2Decider,
+        max_new_tokens: int = 3,
+        *,
+        min_new_tokens: int = 0,
+    ) -> GenerationOutput:
+        """Resumable Mode A: one forward that pauses at each row's p for Stage 2, then answers.
+
+        Each row runs blocks [0, p) with its tier and the default top-k. At its pause,
+        ``decide`` maps the row's latency token (the probe's hidden state after block
+        p-1) to (top_k, num_active_blocks); rows that share p are decided in one call, in
+        block order. The forward then continues from the same hidden states and KV
+        cache with those knobs, and decodes greedily.
+
+        Args:
+            images, questions, max_new_tokens, min_new_tokens: as in ``answer_with_knobs``.
+            stage1: [(tier, insertion_position)] per row.
+            probe_embeddings: (B, d) input embedding of the probe token.
+            decide: a ``Stage2Decider``; what it returns is validated like any knob.
+
+        Returns the answers with the decided configurations in ``knobs`` and the latency
+        tokens (B, d).
+        """
+        _check_token_counts(max_new_tokens, min_new_tokens)
+        batch = self._check_request(images, questions, probe_embeddings)
+        if not callable(decide):
+            raise TypeError(f"decide must be callable (a Stage2Decider), got {type(decide).__name__}")
+        plan = self._stage1_plan(stage1, probe_embeddings, batch)
+        return self._answer(images, questions, plan, max_new_tokens, min_new_tokens, probe_embeddings, decide)
+
+    @torch.inference_mode()
+    def generate_skipping(
+        self,
+        images: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        skip_blocks: Sequence[int],
+        max_new_tokens: int = 3,
+    ) -> GenerationOutput:
+        """Analysis only (the block ranking): greedy answers at the full configuration with
+        exactly the blocks ``skip_blocks`` skipped in every row.
+
+        Any block may be skipped, block 0 included, so the output's ``knobs`` report the
+        blocks that ran and need not be a configuration of the knob space.
+        """
+        _check_token_counts(max_new_tokens, 0)
+        batch = self._check_request(images, questions)
+        bad = [b for b in skip_blocks if isinstance(b, bool) or not (isinstance(b, int) and 0 <= b < self.num_layers)]
+        if bad:
+            raise ValueError(f"skip_blocks={list(skip_blocks)} is invalid: blocks are 0..{self.num_layers - 1}")
+        plan = self.plan([self.knob_space.full()] * batch)
+        plan.run_block[:, list(skip_blocks)] = False
+        return self._answer(images, questions, plan, max_new_tokens, 0)
+
+    def generate(
+        self,
+        images: Sequence[torch.Tensor],
+        questions: Sequence[str],
+        knobs: KnobConfig | Sequence[KnobConfig] | None = None,
+        max_new_tokens: int = 3,
+        *,
+        probe_embeddings: torch.Tensor | None = None,
+        decide: Stage2Decider | None = None,
+        stage1: Sequence[tuple[str, int]] | None = None,
+        min_new_tokens: int = 0,
+    ) -> GenerationOutput:
+        """Greedy answers, either way: ``answer_with_knobs`` (``knobs``), or with ``stage1``
+        and ``decide`` the resumable Mode-A forward ``answer_resumable``.
+
+        For callers that choose the mode by their arguments (the trainers run every
+        mode through one call); the arguments mean what they mean there.
+        """
+        if decide is None and stage1 is None:
+            return self.answer_with_knobs(
+                images, questions, knobs, max_new_tokens,
+                probe_embeddings=probe_embeddings, min_new_tokens=min_new_tokens,
+            )
+        if decide is None:
+            raise ValueError("`stage1` is only used by resumable Mode A: pass `decide` with it, or `knobs` alone")
+        if stage1 is None or knobs is not None:
+            raise ValueError("resumable Mode A takes `stage1` [(tier, insertion_position)] and `decide`, not `knobs`")
+        return self.answer_resumable(
+            images, questions, stage1, probe_embeddings, decide, max_new_tokens, min_new_tokens=min_new_tokens
         )
 
     @torch.inference_mode()
@@ -817,25 +994,19 @@ class KnobVLM(torch.nn.Module):
         stage1: Sequence[tuple[str, int]],
         probe_embeddings: torch.Tensor,
     ) -> torch.Tensor:
-        """The seed's Mode-A partial forward: vision + blocks [0, p) only; returns latency tokens (B, d)."""
-        full = self.knob_space.full()
-        plan = self.plan([KnobConfig(t, p, full.top_k, self.knob_space.block_options(p)[-1]) for t, p in stage1])
-        inputs = self.build_inputs(images, questions, plan.tiers, reserved_positions=1)
-        if tuple(probe_embeddings.shape) != (len(images), self.hidden_size):
-            raise ValueError(
-                f"probe_embeddings has shape {tuple(probe_embeddings.shape)}: expected ({len(images)}, {self.hidden_size})"
-            )
-        embeds = self.embed(inputs["input_ids"], inputs["pixel_values"])
-        embeds = torch.cat([embeds, probe_embeddings[:, None, :].to(embeds)], dim=1)
-        attention_mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(len(images), 1)], 1)
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        """Naive Mode A's extra forward (as in the original system): vision + blocks [0, p) only.
+
+        Returns the latency tokens (B, d), the same ones ``answer_resumable`` reads at its pause.
+        """
+        batch = self._check_request(images, questions, probe_embeddings)
+        plan = self._stage1_plan(stage1, probe_embeddings, batch)
+        prompt = self._prompt(images, questions, plan, probe_embeddings=probe_embeddings)
         _, latency = self.forward_blocks(
-            embeds,
-            attention_mask,
-            position_ids,
+            prompt.embeds,
+            prompt.attention_mask,
+            prompt.position_ids,
             plan,
-            None,
-            probe_index=embeds.shape[1] - 1,
+            probe_index=prompt.probe_index,
             stop_after=int(plan.insertion_positions.max()),
         )
         return latency
@@ -852,27 +1023,24 @@ class KnobVLM(torch.nn.Module):
 
         Returns (loss, stats) where stats has ``ce`` and ``aux`` (the MoE load-balancing loss).
         """
-        _check_images(images)
+        batch = self._check_request(images, questions)
         _check_questions(answers, "answers")
-        if len(answers) != len(images):
-            raise ValueError(f"got {len(answers)} answers for a batch of {len(images)}")
-        plan = self.plan(as_row_knobs(knobs, len(images)))
-        inputs = self.build_inputs(images, questions, plan.tiers, answers)
-        embeds = self.embed(inputs["input_ids"], inputs["pixel_values"])
-        mask = inputs["attention_mask"]
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        if len(answers) != batch:
+            raise ValueError(f"got {len(answers)} answers for a batch of {batch}")
+        plan = self.plan(as_row_knobs(knobs, batch))
+        prompt = self._prompt(images, questions, plan, answers)
         router_logits = []
         hooks = [
             layer.mlp.gate.register_forward_hook(lambda m, a, out: router_logits.append(out[0]))
             for layer in self.layers
         ]
         try:
-            hidden, _ = self.forward_blocks(embeds, mask, position_ids, plan)
+            hidden, _ = self.forward_blocks(prompt.embeds, prompt.attention_mask, prompt.position_ids, plan)
         finally:
             for h in hooks:
                 h.remove()
         logits = self.logits(hidden[:, :-1])
-        labels = inputs["labels"][:, 1:]
+        labels = prompt.inputs["labels"][:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         aux = _load_balancing(router_logits, self.model.config.text_config.num_experts, self.default_top_k)
         return ce + aux_loss_weight * aux, {"ce": float(ce.detach()), "aux": float(aux.detach())}

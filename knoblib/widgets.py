@@ -8,8 +8,8 @@ table's choice at the same budget, the baseline a controller must beat.
 
 Every piece of logic the widgets run is a plain method here (``explain``, ``new_sample``,
 ``render``, ``figure``): an exception inside an ipywidgets callback does not fail
-papermill (DESIGN.md section 6), so the notebook calls these once outside the widget and
-the tests call them directly. ``build_explorer_ui`` only wires widgets to them.
+papermill, so the notebook calls these once outside the widget and the tests call them
+directly. ``build_explorer_ui`` only wires widgets to them; the drawing is in ``knoblib.plots``.
 
 The UI marks its parts with stable CSS classes (``CSS_CLASSES``) and writes one-line
 texts a browser test can parse::
@@ -22,22 +22,22 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import numbers
 import re
-import textwrap
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import matplotlib.pyplot as plt
 import torch
 
-from .data import VQASample, data_path, generate_split, load_split, split_path
+from .data import VQASample, data_path, generate_split
 from .evaluate import LookupTablePolicy, load_config_accuracy
 from .features import LanguageFeatureExtractor
 from .knobs import KnobConfig
 from .latency import BudgetSampler, LatencyTable
+from .plots import figure_png, plot_budget_choice, plot_budget_response
 
 # The explorer's mode names -> how ``run_controller`` executes them (Mode A resumes its
 # forward at p, so it costs one forward like Mode B).
@@ -226,8 +226,8 @@ class BudgetExplorer:
     def from_shipped(cls, num_samples: int = 8, split: str = "val", **kwargs) -> "BudgetExplorer":
         """The explorer over the shipped assets in ``data/``: the VLM, latency table,
         validation accuracies, both controllers and the first ``num_samples`` of ``split``."""
+        from .assets import load_assets, load_samples
         from .controller import TwoStageController
-        from .training import load_assets
 
         vlm, table = load_assets()
         controllers = {
@@ -237,7 +237,7 @@ class BudgetExplorer:
             for mode in MODES
         }
         accuracy = load_config_accuracy(data_path("config_accuracy_val.json"))
-        samples = load_split(split_path(data_path("vqa"), split))[:num_samples]
+        samples = load_samples(split, num_samples)
         return cls(vlm, controllers, table, accuracy, samples, **kwargs)
 
     # --- inputs -----------------------------------------------------------------------
@@ -396,96 +396,46 @@ class BudgetExplorer:
     def figure(self, result: ExplorerResult):
         """The request's image with question and answer, beside the Pareto plot of every fixed
         configuration (accuracy vs latency) with the chosen and the lookup table's
-        configurations circled and the budget drawn as a vertical line.
+        configurations circled and the budget drawn as a vertical line (``plots.plot_budget_choice``).
 
         Returns a closed ``matplotlib.figure.Figure`` (not shown automatically): show it as
         a cell's last expression or ``display(fig)``; save it with ``fig.savefig``.
         """
-        import matplotlib.pyplot as plt
-
-        from .plots import plot_pareto
-
         if result.knobs == result.table_knobs:
-            marks = {f"Mode {result.mode} = lookup: {result.knobs.short()}": result.knobs}
+            choices = {f"Mode {result.mode} = lookup: {result.knobs.short()}": result.knobs}
         else:
-            marks = {
+            choices = {
                 f"Mode {result.mode}: {result.knobs.short()}": result.knobs,
                 f"lookup: {result.table_knobs.short()}": result.table_knobs,
             }
-        fig = plot_pareto(self.config_accuracy, self.table, highlight=marks)
-        plt.close(fig)  # the caller decides where it is shown (the widget renders it to PNG)
-        pareto = fig.axes[0]
-        lo, hi = pareto.get_xlim()
-        lo, hi = min(lo, result.budget_ms * 0.97), max(hi, result.budget_ms * 1.03)
-        pareto.axvline(result.budget_ms, color="#e31a1c", ls="--", lw=1.5, label=f"budget {result.budget_ms:.1f} ms")
-        pareto.axvspan(result.budget_ms, hi, color="#e31a1c", alpha=0.06)
-        pareto.set_xlim(lo, hi)
-        pareto.set_ylim(-8, 104)  # full scale, room for labels below 0 %: the axes stay put as the budget moves
-        pareto.legend(fontsize=8, loc="best")
-        pareto.set_title(f"{pareto.get_title()}; shaded: over the budget", fontsize=10)
-        # Widen the figure and put the request's image on its left.
-        width, height = fig.get_size_inches()
-        extra = 3.4
-        total = width + extra
-        for ax in fig.axes:
-            box = ax.get_position()
-            ax.set_position([(extra + box.x0 * width) / total, box.y0, box.width * width / total, box.height])
-        fig.set_size_inches(total, height)
-        image_ax = fig.add_axes([0.25 / total, 0.2, (extra - 0.6) / total, 0.62])
-        image = result.sample.image().permute(1, 2, 0).numpy()
-        image_ax.imshow(image, interpolation="nearest")
-        image_ax.set_xticks([])
-        image_ax.set_yticks([])
-        image_ax.set_title(textwrap.fill(result.sample.question, 30), fontsize=9)
-        verdict = "correct" if result.correct else f"wrong, truth: {result.sample.answer}"
-        image_ax.set_xlabel(
-            f"answer: {result.answer or '<empty>'} ({verdict})\n{result.latency_ms:.1f} ms "
-            f"{'>' if result.violated else '<='} budget {result.budget_ms:.1f} ms",
-            fontsize=9,
-            color="#1a7f37" if result.correct else "#b2182b",
+        s = result.sample
+        fig = plot_budget_choice(
+            self.config_accuracy, self.table, result.budget_ms, choices,
+            s.image(), s.question, result.answer, s.answer, result.latency_ms,
         )
-        return fig
-
+        return _closed(fig)
 
     def response_figure(self, which: int | VQASample, budgets_ms: Sequence[float] | None = None):
         """The profiled latency each mode's controller and the lookup table choose for one
-        request, against the budget (default: ``budget_response``'s 9 budgets). Points above
-        the diagonal violate the budget; filled markers answered correctly.
+        request, against the budget (default: ``budget_response``'s 9 budgets;
+        ``plots.plot_budget_response``). Points above the diagonal violate the budget;
+        filled markers answered correctly.
 
         Returns a closed ``matplotlib.figure.Figure`` (see ``figure``).
         """
-        import matplotlib.pyplot as plt
-
         sample = self.sample(which)
         runs = {f"Mode {m}": self.budget_response(sample, budgets_ms, m) for m in self.modes}
         first = next(iter(runs.values()))
-        fig, ax = plt.subplots(figsize=(7.5, 4.2))
-        plt.close(fig)
-        budgets = [r.budget_ms for r in first]
-        ax.plot(budgets, budgets, color="#999999", ls="--", lw=1, label="latency = budget")
-        lines = {name: [(r.latency_ms, r.correct) for r in results] for name, results in runs.items()}
-        lines["lookup table"] = [(r.table_latency_ms, r.table_correct) for r in first]
-        knobs = {name: [r.knobs for r in results] for name, results in runs.items()}
-        knobs["lookup table"] = [r.table_knobs for r in first]
-        for (name, points), marker in zip(lines.items(), "osD"):
-            (line,) = ax.plot(budgets, [p[0] for p in points], marker=marker, ms=6, lw=1.2, label=name, mfc="none")
-            hits = [(b, p[0]) for b, p in zip(budgets, points) if p[1]]
-            if hits:
-                ax.plot(*zip(*hits), ls="none", marker=marker, ms=6, color=line.get_color())
-            # Label the knobs where they change (and at the start): the budget's effect, in words.
-            for i, (b, p) in enumerate(zip(budgets, points)):
-                if i == 0 or knobs[name][i] != knobs[name][i - 1]:
-                    ax.annotate(knobs[name][i].short(), (b, p[0]), xytext=(4, 5), textcoords="offset points",
-                                fontsize=7, color=line.get_color())
-        ax.set_xlabel("latency budget (ms)")
-        ax.set_ylabel("profiled latency of the chosen knobs (ms)")
-        ax.set_title(
-            f"request {sample.uid} [{sample.family}]: above the diagonal = over budget; filled = correct", fontsize=9
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        return fig
+        policies = {name: [(r.latency_ms, r.correct, r.knobs) for r in results] for name, results in runs.items()}
+        policies["lookup table"] = [(r.table_latency_ms, r.table_correct, r.table_knobs) for r in first]
+        fig = plot_budget_response([r.budget_ms for r in first], policies, f"request {sample.uid} [{sample.family}]")
+        return _closed(fig)
+
+
+def _closed(fig):
+    """``fig``, closed in pyplot: the caller decides where it is shown (the widget renders it to PNG)."""
+    plt.close(fig)
+    return fig
 
 
 def format_results(results: Sequence[ExplorerResult]) -> str:
@@ -505,13 +455,6 @@ def format_results(results: Sequence[ExplorerResult]) -> str:
         )
     lines.append("(x = wrong answer)")
     return "\n".join(lines)
-
-
-def figure_png(fig, dpi: int = 80) -> bytes:
-    """PNG bytes of a matplotlib figure."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
 
 
 # --- the widget -------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from knoblib.__main__ import build_parser, main
-from knoblib.data import data_path, load_split, split_path
+from knoblib.assets import load_samples
+from knoblib.data import data_path
 from knoblib.knobs import KnobConfig
 from knoblib.outputs import check_output
 from knoblib.vlm import KnobVLM
@@ -289,7 +290,7 @@ def test_shipped_splits_tokenize_exactly_as_before(tokenizer):
     vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
     old = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     old.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    texts = sorted({t for split in ("train", "val", "test") for s in load_split(split_path(data_path("vqa"), split))
+    texts = sorted({t for split in ("train", "val", "test") for s in load_samples(split)
                     for t in (s.question, s.answer)})
     new_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     old_ids = [e.ids for e in old.encode_batch(texts, add_special_tokens=False)]

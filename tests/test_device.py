@@ -109,7 +109,7 @@ def test_tensors_are_created_on_the_module_device(tiny_vlm, samples, table, pool
 
     with DeviceRecorder() as recorder:
         vlm.generate(images, questions, knobs, 3)
-        vlm.generate(images, questions, None, 3, skip_blocks=[2, 5])
+        vlm.generate_skipping(images, questions, [2, 5], 3)
         stage1 = [(k.tier, k.insertion_position) for k in knobs]
         probe = controller_a.probe_embeddings(table.relative(budgets))
         vlm.partial_forward(images, questions, stage1, probe)
@@ -150,20 +150,8 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@torch.no_grad()
-def last_logits(vlm, images, questions, knobs):
-    """Logits of the last prompt position with per-row knobs: the first greedy decision."""
-    plan = vlm.plan(knobs)
-    inputs = vlm.build_inputs(images, questions, plan.tiers)
-    embeds = vlm.embed(inputs["input_ids"], inputs["pixel_values"])
-    mask = inputs["attention_mask"]
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    hidden, _ = vlm.forward_blocks(embeds, mask, position_ids, plan)
-    return vlm.logits(hidden[:, -1])
-
-
 @cuda
-def test_vlm_generate_partial_forward_and_loss_on_cuda(tiny_vlm, samples, table, exact_float32):
+def test_vlm_generate_partial_forward_and_loss_on_cuda(tiny_vlm, samples, table, exact_float32, prefill_logits):
     cpu = copy.deepcopy(tiny_vlm)
     gpu = copy.deepcopy(tiny_vlm).to("cuda")
     assert gpu.device.type == "cuda"
@@ -176,9 +164,10 @@ def test_vlm_generate_partial_forward_and_loss_on_cuda(tiny_vlm, samples, table,
     assert out.sequences.device.type == "cuda" and out.sequences.shape[0] == 4
     assert out.knobs == ref.knobs
     assert out.num_prompt_tokens.tolist() == ref.num_prompt_tokens.tolist()
-    logits = last_logits(gpu, images, questions, knobs)
+    # The first greedy decision.
+    logits = prefill_logits(gpu, images, questions, knobs)
     assert logits.device.type == "cuda"
-    torch.testing.assert_close(logits.cpu(), last_logits(cpu, images, questions, knobs), **tol)
+    torch.testing.assert_close(logits.cpu(), prefill_logits(cpu, images, questions, knobs), **tol)
 
     # Mode A on a CUDA controller with a CPU generator: partial forward and resumable pause.
     sampler = BudgetSampler(table)

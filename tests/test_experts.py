@@ -14,19 +14,9 @@ ATOL, RTOL = 1e-4, 1e-4
 
 
 @pytest.fixture(scope="module")
-def vlm(tiny_vlm):
-    """The tiny model with larger seeded weights (peaky routing), as in test_vlm."""
-    model = copy.deepcopy(tiny_vlm)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.model.named_parameters():
-            if param.dim() < 2:
-                continue
-            std = 1.0 if "embed_tokens" in name else 1.0 / math.sqrt(param.shape[-1])
-            if "gate.weight" in name or "lm_head" in name:
-                std *= 4
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return model
+def vlm(peaky_vlm):
+    """The tiny model with larger seeded weights (peaky routing, conftest)."""
+    return peaky_vlm
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +27,6 @@ def batch(samples):
 
 def full_p1(vlm):
     return KnobConfig("high", 1, vlm.default_top_k, vlm.num_layers)
-
-
-@torch.no_grad()
-def last_logits(vlm, images, questions, knobs):
-    """The executor's logits (B, V) at the last prompt position (one prefill)."""
-    plan = vlm.plan([knobs] * len(images))
-    inputs = vlm.build_inputs(images, questions, plan.tiers)
-    embeds = vlm.embed(inputs["input_ids"], inputs["pixel_values"])
-    mask = inputs["attention_mask"]
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    hidden, _ = vlm.forward_blocks(embeds, mask, position_ids, plan)
-    return vlm.logits(hidden[:, -1])
 
 
 @torch.no_grad()
@@ -71,36 +49,36 @@ def assert_no_hooks(vlm):
         assert layer.mlp.gate.top_k == vlm.default_top_k
 
 
-def test_top_1_equals_routers_set_to_one_by_hand(vlm, batch):
+def test_top_1_equals_routers_set_to_one_by_hand(vlm, batch, prefill_logits):
     images, questions = batch
     model = edited_copy(vlm)
     for layer in model.model.language_model.layers[1:]:
         layer.mlp.gate.top_k = 1
     with expert_override(vlm, top_k=1):
-        got = last_logits(vlm, images, questions, full_p1(vlm))
+        got = prefill_logits(vlm, images, questions, full_p1(vlm))
     torch.testing.assert_close(got, hf_logits(model, vlm, images, questions), atol=ATOL, rtol=RTOL)
-    assert not torch.allclose(got, last_logits(vlm, images, questions, full_p1(vlm)), atol=1e-3)
+    assert not torch.allclose(got, prefill_logits(vlm, images, questions, full_p1(vlm)), atol=1e-3)
     assert_no_hooks(vlm)
 
 
-def test_removed_experts_equal_zeroed_expert_weights(vlm, batch):
+def test_removed_experts_equal_zeroed_expert_weights(vlm, batch, prefill_logits):
     images, questions = batch
     model = edited_copy(vlm)
     with torch.no_grad():
         for layer in model.model.language_model.layers[1:]:
             layer.mlp.experts.down_proj.zero_()
     with expert_override(vlm, remove_experts=True):
-        got = last_logits(vlm, images, questions, full_p1(vlm))
+        got = prefill_logits(vlm, images, questions, full_p1(vlm))
     torch.testing.assert_close(got, hf_logits(model, vlm, images, questions), atol=ATOL, rtol=RTOL)
     assert_no_hooks(vlm)
 
 
-def test_drop_strongest_equals_its_expert_zeroed_per_token(vlm, batch):
+def test_drop_strongest_equals_its_expert_zeroed_per_token(vlm, batch, prefill_logits):
     """Without the strongest expert, the block sums the other top-k experts with their own weights."""
     images, questions = batch
     k0 = vlm.default_top_k
     with expert_override(vlm, top_k=k0, drop_strongest=True):
-        got = last_logits(vlm, images, questions, full_p1(vlm))
+        got = prefill_logits(vlm, images, questions, full_p1(vlm))
     # By hand: a router hook that zeroes the first (largest) of the sorted top-k weights.
     model = edited_copy(vlm)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from knoblib.knobs import TIERS, KnobConfig, KnobSpace
+from knoblib.knobs import KNOB_FIELDS, TIERS, KnobConfig, KnobSpace
 
 
 def molmoe_block_options(p, num_layers=16):
@@ -49,6 +49,8 @@ def test_knob_config_helpers():
     assert config.short() == "high/p2/k4/b7"
     assert config.as_dict() == {"tier": "high", "insertion_position": 2, "top_k": 4, "num_active_blocks": 7}
     assert KnobSpace.for_model(8, 4).as_dict()["tiers"] == list(TIERS)
+    # The knob names are defined once, in the order a controller chooses them.
+    assert KNOB_FIELDS == ("tier", "insertion_position", "top_k", "num_active_blocks") == tuple(config.as_dict())
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from knoblib.data import generate_split, load_tokenizer
+from knoblib.data import generate_split
 from knoblib.knobs import KnobConfig, KnobSpace
 from knoblib.latency import (
     FILE_FORMAT,
@@ -26,25 +26,12 @@ from knoblib.latency import (
     pooled_quantile_factors,
     profile_latency,
 )
-from knoblib.vlm import KnobVLM, VLMConfig
-
-TINY = VLMConfig(
-    hidden_size=32,
-    num_layers=8,
-    num_heads=2,
-    num_experts=8,
-    default_top_k=4,
-    expert_intermediate_size=32,
-    vision_hidden_size=32,
-    vision_layers=1,
-    vision_heads=2,
-    vision_intermediate_size=32,
-)
-
+from knoblib.vlm import KnobVLM
 
 @pytest.fixture(scope="module")
-def vlm():
-    return KnobVLM.from_config(TINY, load_tokenizer(), seed=0)
+def vlm(tiny_config, tokenizer):
+    """A fresh tiny model of this module's own."""
+    return KnobVLM.from_config(tiny_config, tokenizer, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ Structural checks hold for any model; the ``test_quality_*`` checks are what the
 trained model must show (they fail on untrained stand-in artifacts).
 """
 
-import json
-
 import pytest
 
 from knoblib.data import FAMILIES
@@ -13,21 +11,11 @@ from knoblib.knobs import TIERS, KnobSpace
 
 pytestmark = pytest.mark.notebook
 
-
-@pytest.fixture(scope="module")
-def run(notebook_results):
-    return notebook_results("00_data_and_model")
+NOTEBOOK = "00_data_and_model"
 
 
-@pytest.fixture(scope="module")
-def results(run):
-    return run[0]
-
-
-def test_keeps_figures(run):
-    _, _, executed = run
-    cells = json.loads(executed.read_text())["cells"]
-    assert any("image/png" in out.get("data", {}) for cell in cells for out in cell.get("outputs", []))
+def test_keeps_figures(figures):
+    assert figures >= 1
 
 
 def test_knob_space_numbers(results):

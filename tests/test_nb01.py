@@ -4,27 +4,15 @@ Structural checks hold for any artifacts; the ``test_quality_*`` checks are what
 shipped latency table, accuracies and block ranking must show.
 """
 
-import json
-
 import pytest
 
 pytestmark = pytest.mark.notebook
 
-
-@pytest.fixture(scope="module")
-def run(notebook_results):
-    return notebook_results("01_latency_and_budgets")
+NOTEBOOK = "01_latency_and_budgets"
 
 
-@pytest.fixture(scope="module")
-def results(run):
-    return run[0]
-
-
-def test_keeps_figures(run):
-    _, _, executed = run
-    cells = json.loads(executed.read_text())["cells"]
-    assert sum("image/png" in out.get("data", {}) for cell in cells for out in cell.get("outputs", [])) >= 4
+def test_keeps_figures(figures):
+    assert figures >= 4
 
 
 def test_latency_table_numbers(results):

@@ -4,7 +4,6 @@ Structural checks hold for any controller; the ``test_quality_*`` checks are wha
 shipped, trained Mode-B controller must show.
 """
 
-import json
 import math
 import re
 
@@ -15,21 +14,11 @@ from knoblib.knobs import TIERS
 
 pytestmark = pytest.mark.notebook
 
-
-@pytest.fixture(scope="module")
-def run(notebook_results):
-    return notebook_results("02_stage1_sampling")
+NOTEBOOK = "02_stage1_sampling"
 
 
-@pytest.fixture(scope="module")
-def results(run):
-    return run[0]
-
-
-def test_keeps_figures(run):
-    _, _, executed = run
-    cells = json.loads(executed.read_text())["cells"]
-    assert sum("image/png" in out.get("data", {}) for cell in cells for out in cell.get("outputs", [])) >= 4
+def test_keeps_figures(figures):
+    assert figures >= 4
 
 
 def test_features(results):

@@ -4,27 +4,15 @@ Structural checks hold on any machine and artifacts; the ``test_quality_*`` chec
 what this machine's measurements and the shipped evaluation must show.
 """
 
-import json
-
 import pytest
 
 pytestmark = pytest.mark.notebook
 
-
-@pytest.fixture(scope="module")
-def run(notebook_results):
-    return notebook_results("03_stage2_mode_a_vs_mode_b")
+NOTEBOOK = "03_stage2_mode_a_vs_mode_b"
 
 
-@pytest.fixture(scope="module")
-def results(run):
-    return run[0]
-
-
-def test_keeps_figures(run):
-    _, _, executed = run
-    cells = json.loads(executed.read_text())["cells"]
-    assert sum("image/png" in out.get("data", {}) for cell in cells for out in cell.get("outputs", [])) >= 3
+def test_keeps_figures(figures):
+    assert figures >= 3
 
 
 def test_forward_counts(results):

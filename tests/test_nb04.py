@@ -2,28 +2,18 @@
 
 import math
 
-import nbformat
 import pytest
 
 pytestmark = pytest.mark.notebook
 
-NAME = "04_grpo_update"
+NOTEBOOK = "04_grpo_update"
 
 
-@pytest.fixture(scope="module")
-def run(notebook_results):
-    return notebook_results(NAME)
+def test_keeps_figures(figures):
+    assert figures >= 3  # samples, reward curves, policy update, training curves
 
 
-def test_keeps_figures(run):
-    results, _, executed = run
-    nb = nbformat.read(str(executed), as_version=4)
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) >= 3  # samples, reward curves, policy update, training curves
-
-
-def test_hand_computations_match_the_library(run):
-    results, _, _ = run
+def test_hand_computations_match_the_library(results):
     assert results["num_rollouts"] == 10  # 2 requests x G = 5
     assert math.isclose(results["loss_hand"], results["loss_library"], abs_tol=1e-6)
     assert math.isclose(results["loss_hand_pass2"], results["loss_library_pass2"], abs_tol=1e-6)
@@ -36,15 +26,13 @@ def test_hand_computations_match_the_library(run):
     assert 0.0 <= results["clip_fraction_pass2"] <= 1.0
 
 
-def test_gradient_reaches_every_part(run):
-    results, _, _ = run
+def test_gradient_reaches_every_part(results):
     for part in ("stage1", "stage2", "budget_encoder"):
         assert results[f"grad_norm_{part}"] > 0
     assert results["grad_norm_total"] > 0
 
 
-def test_recorded_values_are_sane(run):
-    results, _, _ = run
+def test_recorded_values_are_sane(results):
     assert results["reward_min"] <= results["reward_mean"] <= results["reward_max"]
     assert 0.0 <= results["rollout_accuracy"] <= 1.0
     assert 0.0 <= results["prob_sign_agreement"] <= 1.0
@@ -54,7 +42,6 @@ def test_recorded_values_are_sane(run):
     assert results["trainer_steps"] == 3  # the hand-checked step + 2 in smoke mode
 
 
-def test_quality_one_step_moves_the_policy_along_the_advantages(run):
+def test_quality_one_step_moves_the_policy_along_the_advantages(results):
     """One Adam step should raise most positive-advantage rollouts and lower most negative ones."""
-    results, _, _ = run
     assert results["prob_sign_agreement"] >= 0.6

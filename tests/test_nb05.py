@@ -1,36 +1,25 @@
 """Notebook 05 (joint training, Mode A vs Mode B, evaluation), executed in smoke mode through papermill."""
 
-import nbformat
 import pytest
 
 pytestmark = pytest.mark.notebook
 
-NAME = "05_gpu_training"
+NOTEBOOK = "05_gpu_training"
 MODES = ("b", "a_resumable", "a_naive")
 POLICIES = ("controller_mode_b", "controller_mode_a", "lookup_table", "random_feasible", "full_model")
 
 
-@pytest.fixture(scope="module")
-def run(notebook_results):
-    return notebook_results(NAME)
+def test_keeps_figures(figures):
+    assert figures >= 4  # live curves (x2), mode comparison, forward counts, sweep
 
 
-def test_keeps_figures(run):
-    results, _, executed = run
-    nb = nbformat.read(str(executed), as_version=4)
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) >= 4  # live curves (x2), mode comparison, forward counts, sweep
-
-
-def test_device_and_resume(run):
-    results, _, _ = run
+def test_device_and_resume(results):
     assert results["device_requested"] == "auto"
     assert results["device_used"] in ("cpu", "cuda", "cuda:0")
     assert results["resume_identical"] == 1
 
 
-def test_modes_count_forwards(run):
-    results, _, _ = run
+def test_modes_count_forwards(results):
     assert results["mode_b_forwards_per_request"] == 5  # G full forwards
     assert results["mode_a_resumable_forwards_per_request"] == 5  # G forwards that pause at p
     assert results["mode_a_naive_forwards_per_request"] == 10  # G partial + G full
@@ -40,8 +29,7 @@ def test_modes_count_forwards(run):
         assert results[f"mode_{mode}_final_reward"] > -10
 
 
-def test_live_sweep_structure(run):
-    results, _, _ = run
+def test_live_sweep_structure(results):
     assert results["live_sweep_budgets"] == 3 and results["live_sweep_samples"] == 20
     for policy in POLICIES:
         assert 0.0 <= results[f"live_mean_acc_{policy}"] <= 1.0
@@ -56,9 +44,8 @@ def test_live_sweep_structure(run):
     assert results["oracle_gap_max"] >= results["oracle_gap_mean"] >= 0.0
 
 
-def test_quality_shipped_controller(run):
+def test_quality_shipped_controller(results):
     """What the real shipped artifacts must show (fails on untrained stand-ins)."""
-    results, _, _ = run
     assert results["live_mean_acc_full_model"] >= 0.5  # the trained VLM answers
     # A trained controller does at least as well as picking a random configuration that fits.
     assert results["live_mean_acc_controller_mode_b"] >= results["live_mean_acc_random_feasible"] - 0.05
@@ -68,8 +55,7 @@ def test_quality_shipped_controller(run):
     assert results["live_max_violation_controller_mode_b"] <= 0.3
 
 
-def test_warm_start_clones_the_table(run):
-    results, _, _ = run
+def test_warm_start_clones_the_table(results):
     assert results["warm_start_steps"] == 5
     # Behaviour cloning lowers the negative log-likelihood of the teacher's configuration.
     assert results["warm_start_nll_last"] < results["warm_start_nll_first"]

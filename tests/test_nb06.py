@@ -1,6 +1,5 @@
 """Notebook 06 (budget explorer) in smoke mode: it runs, keeps its figures, and records sane numbers."""
 
-import nbformat
 import pytest
 
 from knoblib.data import data_path
@@ -9,7 +8,7 @@ from knoblib.latency import LatencyTable
 
 pytestmark = pytest.mark.notebook
 
-NAME = "06_budget_explorer"
+NOTEBOOK = "06_budget_explorer"
 
 
 def _knobs(short: str) -> KnobConfig:
@@ -17,22 +16,13 @@ def _knobs(short: str) -> KnobConfig:
     return KnobConfig(tier, int(p[1:]), int(k[1:]), int(b[1:]))
 
 
-@pytest.fixture(scope="module")
-def run(notebook_results):
-    return notebook_results(NAME)
-
-
-def test_keeps_figures(run):
-    results, _, executed = run
-    nb = nbformat.read(str(executed), as_version=4)
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+def test_keeps_figures(outputs, figures):
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the explorer figure and the sweep
+    assert figures >= 2  # the explorer figure and the sweep
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)  # the UI
 
 
-def test_structure_of_the_recorded_numbers(run):
-    results, _, _ = run
+def test_structure_of_the_recorded_numbers(results):
     table = LatencyTable.load(data_path("latency_table.json"))
     assert results["num_requests"] >= 8
     assert results["budget_low_ms"] < table.min_ms <= table.max_ms < results["budget_high_ms"]
@@ -56,9 +46,8 @@ def test_structure_of_the_recorded_numbers(run):
         assert results[f"featured_knobs_low_{mode}"] != results[f"featured_knobs_high_{mode}"]
 
 
-def test_quality_of_the_trained_controllers(run):
+def test_quality_of_the_trained_controllers(results):
     """What the REAL trained controllers must show (the untrained stand-ins fail this)."""
-    results, _, _ = run
     for mode in ("A", "B"):
         # The budget matters: some request gets other knobs at the highest budget than at the lowest ...
         assert results[f"requests_changed_{mode}"] >= 1, mode

@@ -90,6 +90,39 @@ def test_pareto_front_and_plot(table, accuracy):
     assert isinstance(plots.plot_pareto(accuracy, table, highlight={"pick": SPACE.cheapest()}, key="mark"), Figure)
 
 
+
+def test_plot_budget_choice_marks_the_budget_and_the_choices(table, accuracy):
+    sample = generate_split(1, seed=3)[0]
+    chosen, lookup = KnobConfig("low", 1, 2, 6), KnobConfig("high", 3, 4, 8)
+    budget = 0.5 * (table.latency(chosen) + table.latency(lookup))
+    fig = plots.plot_budget_choice(
+        accuracy, table, budget, {"controller": chosen, "lookup": lookup},
+        sample.image(), sample.question, "red", sample.answer, table.latency(chosen),
+    )
+    pareto, image = fig.axes
+    assert image.images and sample.question.split()[0] in image.get_title()
+    assert [line for line in pareto.get_lines() if list(line.get_xdata()) == [budget, budget]]
+    assert any(f"budget {budget:.1f} ms" in t.get_text() for t in pareto.get_legend().get_texts())
+    assert {"controller", "lookup"} <= {t.get_text() for t in pareto.texts}
+    verdict = "correct" if sample.answer == "red" else f"wrong, truth: {sample.answer}"
+    assert f"answer: red ({verdict})" in image.get_xlabel() and "<= budget" in image.get_xlabel()
+    assert plots.figure_png(fig).startswith(b"\x89PNG")
+
+
+def test_plot_budget_response_draws_each_policy(table):
+    budgets = [40.0, 50.0, 60.0]
+    cheap, rich = KnobConfig("low", 1, 2, 6), KnobConfig("medium", 1, 4, 8)
+    policies = {
+        "Mode B": [(table.latency(k), hit, k) for k, hit in ((cheap, True), (cheap, False), (rich, True))],
+        "lookup table": [(table.latency(cheap), False, cheap)] * 3,
+    }
+    fig = plots.plot_budget_response(budgets, policies, "request 0-1 [color]")
+    (ax,) = fig.axes
+    assert "request 0-1 [color]" in ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["latency = budget", "Mode B", "lookup table"]
+    # The knobs are written at the start and where they change: twice for Mode B, once for the table.
+    assert sorted(t.get_text() for t in ax.texts) == sorted([cheap.short(), rich.short(), cheap.short()])
+
 def test_plot_block_importance():
     assert isinstance(plots.plot_block_importance([0.6, 0.01, 0.05, -0.01]), Figure)
     result = {"full_accuracy": 0.9, "importance": [0.6, 0.01, 0.05, -0.01], "drop_order": [3, 1, 2]}

@@ -1,8 +1,8 @@
 """The knob executor is exact: each knob is checked against transformers itself.
 
 A randomly initialised model gives degenerate greedy tokens, so the tests run on a
-deep copy of the session's tiny model with larger, seeded weights (``vlm`` below) and
-compare both the greedy token sequences and the last-position prefill logits.
+deep copy of the session's tiny model with larger, seeded weights (conftest's
+``peaky_vlm``) and compare both the greedy token sequences and the last-position prefill logits.
 """
 
 import contextlib
@@ -31,19 +31,9 @@ RTOL = 1e-4
 
 # --- fixtures and helpers ----------------------------------------------------------
 @pytest.fixture(scope="module")
-def vlm(tiny_vlm):
-    """A deep copy of the tiny model with larger seeded weights, so greedy answers vary."""
-    model = copy.deepcopy(tiny_vlm)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.model.named_parameters():
-            if param.dim() < 2:
-                continue
-            std = 1.0 if "embed_tokens" in name else 1.0 / math.sqrt(param.shape[-1])
-            if "gate.weight" in name or "lm_head" in name:
-                std *= 4  # peakier routing and logits: top-k and argmax margins matter
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return model
+def vlm(peaky_vlm):
+    """The tiny model with larger seeded weights (conftest), so greedy answers vary."""
+    return peaky_vlm
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +98,13 @@ def recording_logits(vlm):
 
 def generate_with_logits(vlm, *args, **kwargs):
     """``vlm.generate`` plus the logits of every step it took (B, T, V)."""
+    return answer_with_logits(vlm, vlm.generate, *args, **kwargs)
+
+
+def answer_with_logits(vlm, method, *args, **kwargs):
+    """``method(*args, **kwargs)``, a ``vlm`` answering method, plus the logits of every step it took (B, T, V)."""
     with recording_logits(vlm) as steps:
-        out = vlm.generate(*args, **kwargs)
+        out = method(*args, **kwargs)
     assert len(steps) == out.sequences.shape[1]
     return out, torch.stack(steps, dim=1)
 
@@ -134,7 +129,7 @@ def without_layers(model, dropped):
     kept = [layer for i, layer in enumerate(lm.layers) if i not in set(dropped)]
     lm.layers = torch.nn.ModuleList(kept)
     model.config.text_config.num_hidden_layers = len(kept)
-    # The cache is indexed by layer_idx: kept layers must be numbered 0..n-1 (DESIGN.md §5).
+    # The cache is indexed by layer_idx: kept layers must be numbered 0..n-1.
     for new_idx, layer in enumerate(kept):
         layer.self_attn.layer_idx = new_idx
     return model
@@ -644,3 +639,77 @@ def test_loss_is_finite_and_gradients_reach_the_right_parameters(vlm, samples):
                 assert layer.mlp.gate.weight.grad is not None and layer.mlp.gate.weight.grad.any(), idx
     # Routers are left at the default after the loss.
     assert all(layer.mlp.gate.top_k == model.default_top_k for layer in model.layers)
+
+
+# --- 12. the entry points: generate dispatches to them --------------------------------------
+def test_answer_with_knobs_is_what_generate_runs(vlm, batch):
+    images, questions = batch
+    knobs = [KnobConfig("high", 1, 2, 6), KnobConfig("medium", 2, 3, 7), KnobConfig("low", 3, 4, 8)]
+    probe = torch.randn(3, vlm.hidden_size)
+    out, logits = generate_with_logits(vlm, images, questions, knobs, max_new_tokens=N_NEW, probe_embeddings=probe)
+    direct, direct_logits = answer_with_logits(
+        vlm, vlm.answer_with_knobs, images, questions, knobs, N_NEW, probe_embeddings=probe
+    )
+    assert torch.equal(direct.sequences, out.sequences) and direct.answers == out.answers
+    torch.testing.assert_close(direct_logits, logits, atol=0, rtol=0)
+    assert direct.knobs == knobs
+    torch.testing.assert_close(direct.latency_tokens, out.latency_tokens, atol=0, rtol=0)
+    # The default is the full configuration; min_new_tokens keeps decoding past eos.
+    assert vlm.answer_with_knobs(images, questions).knobs == [vlm.knob_space.full()] * 3
+    fixed = vlm.answer_with_knobs(images, questions, None, N_NEW, min_new_tokens=N_NEW)
+    assert fixed.sequences.shape == (3, N_NEW)
+
+
+def test_answer_resumable_decides_at_the_pause_and_equals_known_knobs(vlm, samples):
+    rows = samples[:3]
+    images, questions = [s.image() for s in rows], [s.question for s in rows]
+    knobs = [KnobConfig("low", 1, 2, 6), KnobConfig("high", 3, 3, 8), KnobConfig("medium", 2, 4, 7)]
+    probe = torch.randn(3, vlm.hidden_size)
+    seen = []
+
+    def decide(latency, rows_idx):
+        seen.append(rows_idx.tolist())
+        return [knobs[r].top_k for r in rows_idx.tolist()], [knobs[r].num_active_blocks for r in rows_idx.tolist()]
+
+    stage1 = [(k.tier, k.insertion_position) for k in knobs]
+    out = vlm.answer_resumable(images, questions, stage1, probe, decide, N_NEW)
+    assert seen == [[0], [2], [1]]  # in block order: p = 1, 2, 3
+    assert out.knobs == knobs
+    known = vlm.answer_with_knobs(images, questions, knobs, N_NEW, probe_embeddings=probe)
+    assert torch.equal(out.sequences, known.sequences)
+    torch.testing.assert_close(out.latency_tokens, known.latency_tokens, atol=ATOL, rtol=RTOL)
+    partial = vlm.partial_forward(images, questions, stage1, probe)
+    torch.testing.assert_close(out.latency_tokens, partial, atol=ATOL, rtol=RTOL)
+    via_generate = vlm.generate(images, questions, None, N_NEW, probe_embeddings=probe, decide=decide, stage1=stage1)
+    assert torch.equal(via_generate.sequences, out.sequences)
+    with pytest.raises(TypeError, match="decide must be callable"):
+        vlm.answer_resumable(images, questions, stage1, probe, None)
+    with pytest.raises(ValueError, match="probe_embeddings"):
+        vlm.answer_resumable(images, questions, stage1, None, decide)
+    with pytest.raises(ValueError, match="stage1 has 2 rows"):
+        vlm.partial_forward(images, questions, stage1[:2], probe)
+
+
+@pytest.mark.parametrize("skip", [[2, 5], [0]], ids=["blocks-2-5", "block-0"])
+def test_generate_skipping_matches_model_without_those_layers(vlm, batch, skip):
+    images, questions = batch
+    out, step_logits = answer_with_logits(vlm, vlm.generate_skipping, images, questions, skip, N_NEW)
+    reference = without_layers(vlm.model, skip)
+    expected, expected_logits = hf_generate(reference, vlm.build_inputs(images, questions, ["high"] * 3))
+    assert_not_degenerate(expected)
+    assert torch.equal(out.sequences, expected)
+    torch.testing.assert_close(step_logits, expected_logits, atol=ATOL, rtol=RTOL)
+    # The knobs report the blocks that ran, inside the knob space or not (block 0 is never a knob choice).
+    assert [k.num_active_blocks for k in out.knobs] == [vlm.num_layers - len(skip)] * 3
+    # An empty list is the full configuration.
+    full = vlm.answer_with_knobs(images, questions, None, N_NEW)
+    assert torch.equal(vlm.generate_skipping(images, questions, [], N_NEW).sequences, full.sequences)
+
+
+def test_skip_blocks_is_its_own_entry_point(vlm, batch):
+    images, questions = batch
+    for bad in ([8], [-1], [True], ["1"]):
+        with pytest.raises(ValueError, match="skip_blocks="):
+            vlm.generate_skipping(images, questions, bad)
+    with pytest.raises(TypeError, match="skip_blocks"):
+        vlm.generate(images, questions, skip_blocks=[1])
