@@ -95,16 +95,6 @@ def test_forward_shape_and_gradients():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
 
 
-@pytest.mark.parametrize(
-    "budgets, match",
-    [
-        ([100.0, -5.0], r"-5\.0"),
-        ([0.0], r"0\.0"),
-        ([float("nan")], "nan"),
-        ([[100.0, 200.0]], r"1-D.*\(1, 2\)"),
-        ([], "empty"),
-    ],
-)
 def test_no_budget_is_the_top_of_the_range():
     """inf means no per-request budget (the average-latency mode): encoded as the range's top, without a warning."""
     import warnings
@@ -115,6 +105,16 @@ def test_no_budget_is_the_top_of_the_range():
         torch.testing.assert_close(encoder(torch.tensor([float("inf")])), encoder(torch.tensor([HI])))
 
 
+@pytest.mark.parametrize(
+    "budgets, match",
+    [
+        ([100.0, -5.0], r"-5\.0"),
+        ([0.0], r"0\.0"),
+        ([float("nan")], "nan"),
+        ([[100.0, 200.0]], r"1-D.*\(1, 2\)"),
+        ([], "empty"),
+    ],
+)
 def test_bad_budgets_raise(budgets, match):
     encoder = LatencyBudgetEncoder((LO, HI))
     with pytest.raises(ValueError, match=match):
