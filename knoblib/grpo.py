@@ -463,7 +463,7 @@ class JointGRPOTrainer:
 
     def request_conditions(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(budgets (n,) ms, prices (n,)): a share ``average_fraction`` with no budget (inf) and a
-        uniform price in [0, max_price], the others a budget from the sampler and price 0."""
+        price ``max_price * u^2`` (u uniform), the others a budget from the sampler and price 0."""
         # On the CPU, like the latency table and the guard that read them.
         budgets = self.budgets.low + torch.rand(n, generator=generator, dtype=torch.float64, device="cpu") * (
             self.budgets.high - self.budgets.low
@@ -471,7 +471,8 @@ class JointGRPOTrainer:
         prices = torch.zeros(n, dtype=torch.float64, device="cpu")
         if self.cfg.average_fraction > 0:
             average = torch.rand(n, generator=generator, dtype=torch.float64, device="cpu") < self.cfg.average_fraction
-            drawn = torch.rand(n, generator=generator, dtype=torch.float64, device="cpu") * self.cfg.max_price
+            # u^2: denser at low prices, where a small change of price moves the accuracy most.
+            drawn = torch.rand(n, generator=generator, dtype=torch.float64, device="cpu") ** 2 * self.cfg.max_price
             budgets = torch.where(average, torch.full_like(budgets, math.inf), budgets)
             prices = torch.where(average, drawn, prices)
         return budgets, prices
@@ -677,8 +678,8 @@ class JointGRPOTrainer:
         self,
         correctness,
         steps: int,
-        batch_size: int = 64,
-        lr: float = 3e-3,
+        batch_size: int = 256,
+        lr: float = 1e-3,
         entropy_coef: float = 0.0,
         seed: int | None = None,
     ) -> list[float]:
@@ -700,6 +701,11 @@ class JointGRPOTrainer:
         and an expensive one for the rest; a clone's most likely choice is then the cheap
         one, 30 points below what the family needs. The expected reward weighs each
         configuration by how often it is right, which is what serving it will earn.
+
+        The defaults (256 requests a step, lr 1e-3, a few thousand steps) are what fitted the
+        small accuracy differences that decide the highest budgets: at lr 3e-3 and 64
+        requests the policy settled on one mid-priced configuration for every budget and
+        price (docs/findings.md).
 
         Mode B only (Mode A's Stage 2 needs a latency token from a VLM forward per question,
         budget and p). Uses its own seeded generators, resets Adam afterwards and, with
@@ -757,9 +763,9 @@ class JointGRPOTrainer:
                 prices.repeat_interleave(len(space)),
                 self.table.reference_ms,
             )
+            mask = (self.guard.mask(budgets) if self.guard is not None else open_mask(space, n)) & valid
             reward_grid = torch.zeros(n, *shape)
             reward_grid[(slice(None), *index)] = reward.view(n, -1)
-            mask = (self.guard.mask(budgets) if self.guard is not None else open_mask(space, n)) & valid
             lang = self.language([by_uid[correctness.uids[r]].question for r in picked])
             budget_feat = self.controller.encode_budget(self.table.relative(budgets), self._price(prices))
             log_prob = self.controller.joint_log_probs(lang, budget_feat, mask)  # (n, T, P, K, NB)
