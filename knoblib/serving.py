@@ -40,13 +40,12 @@ from typing import Sequence
 
 import torch
 
+from .controller import CONTROLLER_MODES
 from .evaluate import ControllerPolicy, FullModelPolicy
 from .guard import DEFAULT_QUANTILE
 from .knobs import KnobConfig
 from .latency import LatencyTable, check_budgets, serving_threads
 from .vlm import IMAGE_SIZE, KnobVLM, check_image
-
-MODES = ("A", "B")
 
 
 def load_image(image) -> torch.Tensor:
@@ -352,8 +351,8 @@ class BudgetedVLM:
         from .controller import TwoStageController
         from .data import data_path
 
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is invalid: allowed {list(MODES)}")
+        if mode not in CONTROLLER_MODES:
+            raise ValueError(f"mode={mode!r} is invalid: allowed {list(CONTROLLER_MODES)}")
         serving_threads(threads)
         root = Path(path) if path is not None else data_path()
         if not root.is_dir():
