@@ -14,6 +14,8 @@ Latency is the profiled latency of each chosen configuration served alone.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import random
 import time
@@ -99,13 +101,14 @@ def load_config_accuracy(path: str | Path) -> dict[KnobConfig, dict[str, float]]
 # controller are served the same way (``knoblib.serving.Server`` adds what serving by the
 # wall clock needs on top: the decision's own time, the machine's drift, the full
 # configuration above its latency).
-class StaticPolicy:
+class StaticPolicy(ABC):
     """A policy that picks from the budget (and the request) alone, before the model runs."""
 
     name = "static"
 
-    def choose_one(self, budget_ms: float, sample=None) -> KnobConfig:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def choose_one(self, budget_ms: float, sample=None) -> KnobConfig:
+        """The configuration for one request at ``budget_ms``."""
 
     def choose(self, vlm, samples, images, budgets) -> tuple[list[KnobConfig], list[str]]:
         budgets = check_budgets(budgets)
