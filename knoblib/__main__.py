@@ -518,7 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a seeded subset one request at a time and time each by the wall clock (writes measured.json)",
     )
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="which requests --measured serves, and in what order")
-    p.add_argument("--table", default="local", help="latency table: local (this machine, calibrated), shipped, or a path")
+    p.add_argument(
+        "--table",
+        default=None,
+        help="latency table: local (this machine, calibrated; the default unless $KNOBLIB_LATENCY_TABLE names "
+        "another), shipped, or a path",
+    )
     p.add_argument(
         "--quantile", type=FRACTION, default=DEFAULT_QUANTILE, help="latency quantile the budget guard holds configurations to"
     )
@@ -534,7 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-ms", type=float, required=True, help="the latency budget in milliseconds on this machine")
     p.add_argument("--mode", default="B", choices=["A", "B"], help="the controller's Stage-2 mode")
     p.add_argument("--path", default=None, help="folder with model/ and controller_A|B/ (default: the shipped data/)")
-    p.add_argument("--table", default="local", help="latency table: local (this machine, calibrated), shipped, or a path")
+    p.add_argument(
+        "--table",
+        default=None,
+        help="latency table: local (this machine, calibrated; the default unless $KNOBLIB_LATENCY_TABLE names "
+        "another), shipped, or a path",
+    )
     p.set_defaults(fn=cmd_answer)
 
     p = sub.add_parser("report", help="the README's results table from an evaluation folder (plane.json, measured.json)")

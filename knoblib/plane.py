@@ -60,9 +60,10 @@ class PlanePoint:
             (the mean over seeds for several).
         seeds: how many trained controllers (seeds) the point averages.
         accuracy_ci / mean_latency_ms_ci: 95 % intervals (bootstrap over test requests and seeds).
-        accuracy_vs_baseline: [mean, low, high] of the accuracy difference to the baseline at
-            the same x (the lookup table for a budget, the static hull for a target), paired
-            on the same requests.
+        accuracy_vs_baseline: [mean, low, high] of the accuracy difference to the baseline,
+            paired on the same requests: for a budget the lookup table at the same budget; for
+            a target the static hull at the mean latency this policy reached on test (equal
+            mean latency, whether or not the price found on validation hit the target).
         latency_saving_vs_baseline: [mean, low, high] of ``1 - mean latency / baseline's``.
     """
 
@@ -377,7 +378,9 @@ def evaluate_plane(
             seeds=len(per_seed), accuracy_ci=bootstrap(right)[1:], mean_latency_ms_ci=bootstrap(latency)[1:],
         )
         if baseline is not None:
-            base_right, base_latency = baselines[kind, float(x)]
+            # A target's baseline is the hull at the mean latency the policy reached on test,
+            # not at the target: a price found on validation can miss it, in either direction.
+            base_right, base_latency = baseline(float(latency.mean())) if callable(baseline) else baselines[kind, float(x)]
             point.accuracy_vs_baseline = bootstrap(right, base_right)
             point.latency_saving_vs_baseline = bootstrap(latency, base_latency, ratio=True)
         points.append(point)
@@ -405,6 +408,11 @@ def evaluate_plane(
     hull = HullMix.from_accuracy({k: v["all"] for k, v in val_acc.items()}, table)
     hull_test = [[table.latency(k), test_acc[k]["all"]] for k in hull.vertices]
     reference = table.reference_ms
+
+    def hull_at(mean_ms: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hull's random mix at ``mean_ms``, per test request: (correct, latency)."""
+        return per_request(test, table, test_samples, hull.choose(mean_ms, n, seed=0))
+
     for target in tqdm(list(targets), desc="targets", disable=not progress):
         add("static hull (random mix)", "target", target, hull.choose(target, n, seed=0))
         fits = [k for k in val_acc if table.latency(k) <= target]
@@ -438,7 +446,7 @@ def evaluate_plane(
                 inf_test = torch.full((n,), math.inf, dtype=torch.float64)
                 per_seed.append(controller_choices(vlm, controller, test_samples, table, inf_test, prices, quantile))
                 found.append(price)
-            add(name, "target", target, per_seed, found, baseline=True)
+            add(name, "target", target, per_seed, found, baseline=hull_at)
 
     return {
         "points": [p.as_dict() for p in points],
@@ -463,8 +471,8 @@ def shares(points: Sequence[PlanePoint]) -> dict:
             for (policy, kind, x), p in by.items() if policy == name and kind == "budget"
         ]
         gain = [
-            gain_share(by["static hull (random mix)", "target", x].accuracy, p.accuracy, by["per-request oracle", "target", x].accuracy)
-            for (policy, kind, x), p in by.items() if policy == name and kind == "target"
+            gain_share(p.accuracy - p.accuracy_vs_baseline[0], p.accuracy, by["per-request oracle", "target", x].accuracy)
+            for (policy, kind, x), p in by.items() if policy == name and kind == "target" and p.accuracy_vs_baseline
         ]
         saving = [s for s in saving if s is not None]
         gain = [g for g in gain if g is not None]

@@ -106,7 +106,7 @@ def test_shares():
         PlanePoint("controller", "budget", 30, 0.9, 27.0, 0.0),
         PlanePoint("static hull (random mix)", "target", 25, 0.8, 25.0, 0.0),
         PlanePoint("per-request oracle", "target", 25, 0.9, 25.0, 0.0),
-        PlanePoint("controller", "target", 25, 0.85, 25.0, 0.0, price=1.0),
+        PlanePoint("controller", "target", 25, 0.85, 25.0, 0.0, price=1.0, accuracy_vs_baseline=[0.05, 0.0, 0.1]),
     ]
     result = shares(points)["controller"]
     assert result["oracle_saving_share"] == pytest.approx(0.3) and result["oracle_gain_share"] == pytest.approx(0.5)
