@@ -8,6 +8,7 @@ dataclasses), draws one new figure, does no I/O and returns the ``matplotlib.fig
 
 | function | what it shows |
 |---|---|
+| :func:`plot_pipeline` | the whole system (request to GRPO), one part highlighted |
 | :func:`show_samples` | a grid of scenes with question / answer titles |
 | :func:`show_crops`, :func:`show_tiers` | the crops the vision tower sees for a tier (or every tier) |
 | :func:`plot_knob_table` | accuracy per question family and latency, each knob moved alone |
@@ -94,6 +95,114 @@ def _image_hwc(image: torch.Tensor) -> np.ndarray:
     else:
         x = (x.float() + 1.0) / 2.0
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+# --- the big picture ---------------------------------------------------------------------
+# The boxes of the pipeline figure: key -> (title, detail, x, y). One request flows along
+# the top row, left to right; its reward flows back along the bottom row to GRPO, which
+# updates both stages. The latency table and budget guard feed the stages and the reward.
+PIPELINE_BOXES: dict[str, tuple[str, str, float, float]] = {
+    "request": ("request", "image, question,\nbudget B or price λ", 0.0, 2.2),
+    "features": ("features", "lang_feat (question)\nbudget_feat (B, λ)", 2.0, 2.2),
+    "stage1": ("Stage 1", "tier,\ninsertion position p", 4.0, 2.2),
+    "partial": ("partial forward", "blocks < p → latency\ntoken (Mode A only)", 6.0, 2.2),
+    "stage2": ("Stage 2", "top_k,\nnum_active_blocks", 8.0, 2.2),
+    "executor": ("executor", "the VLM runs\nthe four knobs", 10.0, 2.2),
+    "guard": ("budget guard", "latency table: what each\nconfiguration costs here", 2.0, 0.0),
+    "grpo": ("GRPO", "update both stages\nfrom group advantages", 5.0, 0.0),
+    "reward": ("reward", "correct − violation\n(or − λ·latency)", 7.5, 0.0),
+    "answer": ("answer", "one word,\nits latency", 10.0, 0.0),
+}
+# (from, to, style): solid = data flow, dashed = training signal, dotted = reads the latency table.
+PIPELINE_ARROWS: tuple[tuple[str, str, str], ...] = (
+    ("request", "features", "solid"),
+    ("features", "stage1", "solid"),
+    ("stage1", "partial", "solid"),
+    ("partial", "stage2", "solid"),
+    ("stage2", "executor", "solid"),
+    ("executor", "answer", "solid"),
+    ("answer", "reward", "solid"),
+    ("reward", "grpo", "dashed"),
+    ("grpo", "stage1", "dashed"),
+    ("grpo", "stage2", "dashed"),
+    ("guard", "stage1", "dotted"),
+    ("guard", "reward", "dotted"),
+)
+PIPELINE_HIGHLIGHT = "#fdb863"
+
+
+def plot_pipeline(highlight: str | Sequence[str] | None = None, title: str | None = None) -> Figure:
+    """The whole system on one page, with the part a notebook is about highlighted.
+
+    A request (image, question, latency budget or price) becomes two cheap features; Stage 1
+    picks the tier and insertion position p; in Mode A a partial forward to block p yields
+    the latency token (Mode B skips it: the curved arrow); Stage 2 picks top_k and the
+    number of blocks; the executor runs the VLM with all four knobs; the answer and its
+    latency give a reward, and GRPO updates both stages from group advantages. The
+    latency table and the budget guard feed the choices and the reward.
+
+    Args:
+        highlight: one key of ``PIPELINE_BOXES`` or several (``request``, ``features``,
+            ``stage1``, ``partial``, ``stage2``, ``executor``, ``answer``, ``reward``,
+            ``grpo``, ``guard``); None highlights nothing.
+        title: drawn above the figure.
+    """
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    keys = [] if highlight is None else [highlight] if isinstance(highlight, str) else list(highlight)
+    unknown = [k for k in keys if k not in PIPELINE_BOXES]
+    if unknown:
+        raise ValueError(f"highlight={unknown[0]!r} is not a part of the pipeline: allowed {list(PIPELINE_BOXES)}")
+    width, height = 1.7, 1.0
+    fig, ax = plt.subplots(figsize=(11.0, 4.6))
+    for key, (name, detail, x, y) in PIPELINE_BOXES.items():
+        on = key in keys
+        box = FancyBboxPatch(
+            (x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.05,rounding_size=0.12",
+            facecolor=PIPELINE_HIGHLIGHT if on else "#f2f2f2", edgecolor="#333333" if on else "#999999",
+            lw=2.0 if on else 1.0, ls="--" if key == "partial" else "-", gid=f"pipeline-{key}",
+        )
+        ax.add_patch(box)
+        ax.text(x, y + 0.22, name, ha="center", va="center", fontsize=9.5, fontweight="bold",
+                color="black" if on or not keys else "#555555")
+        ax.text(x, y - 0.18, detail, ha="center", va="center", fontsize=7.2, color="#222222" if on or not keys else "#777777")
+
+    def edge(a: str, b: str) -> tuple[tuple[float, float], tuple[float, float]]:
+        (_, _, xa, ya), (_, _, xb, yb) = PIPELINE_BOXES[a], PIPELINE_BOXES[b]
+        if ya == yb:  # same row: leave and enter through the sides
+            sign = 1 if xb > xa else -1
+            return (xa + sign * width / 2, ya), (xb - sign * width / 2, yb)
+        sign = 1 if yb > ya else -1  # between rows: leave and enter through top / bottom
+        return (xa + 0.25 * (xb - xa) / max(abs(xb - xa), 1e-9) * min(abs(xb - xa), width / 2), ya + sign * height / 2), (
+            xb, yb - sign * height / 2)
+
+    styles = {"solid": ("-", "#333333"), "dashed": ("--", "#b2182b"), "dotted": (":", "#2166ac")}
+    for a, b, style in PIPELINE_ARROWS:
+        start, end = edge(a, b)
+        ls, color = styles[style]
+        bend = "arc3,rad=0.0"
+        if a == "guard" and b == "reward":  # under the GRPO box
+            start, end = (start[0] - width / 2 + 0.25, start[1] - height / 2), (end[0] + width / 2 - 0.25, end[1] - height / 2)
+            bend = "arc3,rad=0.18"
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color=color, ls=ls, lw=1.3,
+                                     shrinkA=2, shrinkB=2, connectionstyle=bend))
+    # Mode B: Stage 2 reads the features directly, no partial forward.
+    (_, _, xf, yf), (_, _, xs, ys) = PIPELINE_BOXES["features"], PIPELINE_BOXES["stage2"]
+    ax.add_patch(FancyArrowPatch((xf + 0.3, yf + height / 2), (xs - 0.3, ys + height / 2), arrowstyle="-|>",
+                                 mutation_scale=12, color="#666666", lw=1.1, connectionstyle="arc3,rad=-0.22"))
+    ax.text((xf + xs) / 2, yf + height / 2 + 0.78, "Mode B: Stage 2 reads the features, before the model runs",
+            ha="center", va="center", fontsize=7.5, color="#444444")
+    ax.text(PIPELINE_BOXES["grpo"][2] - 1.15, 0.95, "training only", fontsize=7.5, color="#b2182b", ha="center")
+    ax.set_xlim(-1.0, 11.0)
+    ax.set_ylim(-1.45, 3.7)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    legend = "solid: one request's path   dashed red: training signal   dotted blue: reads the latency table"
+    ax.text(5.0, -1.25, legend, ha="center", va="center", fontsize=7.5, color="#444444")
+    if title:
+        ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return fig
 
 
 # --- data ------------------------------------------------------------------------------
