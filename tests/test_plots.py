@@ -195,3 +195,21 @@ def test_plots_module_never_sets_a_backend():
     # Executed notebooks keep their figures only if nothing forces a non-inline backend.
     source = open(plots.__file__, encoding="utf-8").read()
     assert "matplotlib.use(" not in source
+
+
+def test_plot_pipeline_highlights_the_named_parts():
+    from matplotlib.colors import to_hex
+
+    def faces(fig):
+        return {p.get_gid(): to_hex(p.get_facecolor()) for p in fig.axes[0].patches if (p.get_gid() or "").startswith("pipeline-")}
+
+    plain = faces(plots.plot_pipeline())
+    assert set(plain) == {f"pipeline-{k}" for k in plots.PIPELINE_BOXES}
+    assert len(set(plain.values())) == 1  # nothing highlighted
+    one = faces(plots.plot_pipeline("stage2", title="Stage 2"))
+    assert one["pipeline-stage2"] == plots.PIPELINE_HIGHLIGHT
+    assert all(color != plots.PIPELINE_HIGHLIGHT for gid, color in one.items() if gid != "pipeline-stage2")
+    two = faces(plots.plot_pipeline(["reward", "grpo"]))
+    assert {gid for gid, c in two.items() if c == plots.PIPELINE_HIGHLIGHT} == {"pipeline-reward", "pipeline-grpo"}
+    with pytest.raises(ValueError, match="not a part of the pipeline"):
+        plots.plot_pipeline("controller")
