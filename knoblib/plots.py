@@ -23,6 +23,8 @@ dataclasses), draws one new figure, does no I/O and returns the ``matplotlib.fig
 | :func:`plot_budget_encoding` | heatmaps of sinusoidal budget features across the budget range |
 | :func:`plot_similarity_matrix` | a labelled square matrix (e.g. cosine similarity of question features) |
 | :func:`plot_sweep` | accuracy and violation rate vs budget per policy |
+| :func:`plot_plane` | every policy on the accuracy / mean-latency plane, with intervals |
+| :func:`plot_versus_baseline` (+ :func:`versus_baseline`, :func:`format_versus_baseline`, :func:`verdict`) | each controller minus the baseline, 95 % intervals |
 | :func:`plot_training_curves` | metrics per training step, runs overlaid |
 | :func:`plot_forward_counts` | forwards per request and measured time per training mode |
 | :func:`plot_timings` | a labelled bar chart of measured times |
@@ -775,7 +777,7 @@ PLANE_STYLES = {
 }
 
 
-def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",)) -> Figure:
+def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",), errorbars: bool = True) -> Figure:
     """Every policy on the accuracy / mean-latency plane: per-request budgets (left), target mean latencies (right).
 
     Args:
@@ -783,6 +785,8 @@ def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",)) -> Figure:
             ``points`` (policy, kind, x, accuracy, mean_latency_ms), ``static`` (every
             configuration: ms, accuracy, label) and ``hull``.
         skip: policies left out of the figure.
+        errorbars: draw each controller point's 95 % intervals (``accuracy_ci``,
+            ``mean_latency_ms_ci``: bootstrap over test requests and training seeds).
     """
     points = [p for p in plane["points"] if p["policy"] not in skip]
     if not points:
@@ -807,7 +811,16 @@ def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",)) -> Figure:
                 style["color"] = colors.setdefault(policy, next(cycle))
                 style.setdefault("marker", "o")
                 style["lw"] = 2
-            ax.plot([p["mean_latency_ms"] for p in pts], [100 * p["accuracy"] for p in pts], ms=4, label=policy, **style)
+            (line,) = ax.plot([p["mean_latency_ms"] for p in pts], [100 * p["accuracy"] for p in pts], ms=4, label=policy,
+                              **style)
+            # 95 % intervals (bootstrap over test requests and training seeds) where the point has them.
+            bars = [p for p in pts if p.get("accuracy_ci") and p.get("mean_latency_ms_ci")]
+            if errorbars and bars and policy not in PLANE_STYLES:
+                x = np.array([p["mean_latency_ms"] for p in bars])
+                y = np.array([100 * p["accuracy"] for p in bars])
+                yerr = np.abs(np.array([[100 * p["accuracy_ci"][0] for p in bars], [100 * p["accuracy_ci"][1] for p in bars]]) - y)
+                xerr = np.abs(np.array([[p["mean_latency_ms_ci"][0] for p in bars], [p["mean_latency_ms_ci"][1] for p in bars]]) - x)
+                ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt="none", ecolor=line.get_color(), elinewidth=1, capsize=2, alpha=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("mean latency (ms, this machine's table)")
         ax.grid(alpha=0.3)
@@ -843,6 +856,97 @@ def plot_family_choices(choices: Mapping, table: LatencyTable) -> Figure:
     ax.set_yticks(range(len(families)), families)
     ax.set_xlabel("per-request budget (ms)")
     ax.set_title("the controller's most frequent configuration (and its share of the family's questions)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def verdict(interval: Sequence[float], unit: str = "") -> str:
+    """``better`` / ``worse`` / ``tie`` from a [mean, low, high] difference interval (95 %): a
+    difference counts only when its interval excludes 0."""
+    mean, low, high = (float(v) for v in interval)
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "tie"
+
+
+def versus_baseline(plane: Mapping) -> list[dict]:
+    """Each controller point's comparison with the baseline at the same budget or target.
+
+    Per-request budgets compare with the lookup table (accuracy difference and latency
+    saving), targets with the static hull (accuracy difference). Rows: ``policy``, ``kind``,
+    ``x``, ``seeds``, ``accuracy_vs_baseline`` and ``latency_saving_vs_baseline`` ([mean,
+    low, high], 95 %: bootstrap over test requests and seeds), and the verdicts they imply.
+    """
+    rows = []
+    for p in plane["points"]:
+        if p.get("accuracy_vs_baseline") is None:
+            continue
+        row = {k: p.get(k) for k in ("policy", "kind", "x", "seeds", "accuracy", "mean_latency_ms",
+                                    "accuracy_vs_baseline", "latency_saving_vs_baseline")}
+        row["baseline"] = "lookup table" if p["kind"] == "budget" else "static hull (random mix)"
+        row["accuracy_verdict"] = verdict(p["accuracy_vs_baseline"])
+        saving = p.get("latency_saving_vs_baseline")
+        row["latency_verdict"] = verdict(saving) if saving is not None else None
+        rows.append(row)
+    return rows
+
+
+def format_versus_baseline(rows: Sequence[Mapping]) -> str:
+    """:func:`versus_baseline`'s rows as a plain-text table (differences in points and percent)."""
+    head = (f"{'policy':>28} | {'kind':>6} | {'x ms':>6} | seeds | {'accuracy vs baseline (95 %)':>30} | "
+            f"{'latency saved (95 %)':>27}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        m, lo, hi = (100 * v for v in r["accuracy_vs_baseline"])
+        acc = f"{m:+5.1f} [{lo:+5.1f}, {hi:+5.1f}] {r['accuracy_verdict']:>6}"
+        if r.get("latency_saving_vs_baseline") is not None:
+            sm, slo, shi = (100 * v for v in r["latency_saving_vs_baseline"])
+            lat = f"{sm:+5.1f}% [{slo:+5.1f}, {shi:+5.1f}] {r['latency_verdict']:>6}"
+        else:
+            lat = ""
+        lines.append(f"{r['policy'][:28]:>28} | {r['kind']:>6} | {r['x']:6.1f} | {r.get('seeds') or 1:>5} | {acc:>30} | {lat:>27}")
+    lines.append("(accuracy in points, latency saving in % of the baseline's mean; 'tie': the interval contains 0)")
+    return "\n".join(lines)
+
+
+def plot_versus_baseline(plane: Mapping) -> Figure:
+    """Each controller against the baseline, with 95 % intervals (error bars).
+
+    Left: accuracy difference to the lookup table per per-request budget; middle: latency
+    saved against it; right: accuracy difference to the static hull per target mean latency.
+    A difference whose bar crosses 0 is a tie.
+    """
+    rows = versus_baseline(plane)
+    if not rows:
+        raise ValueError("plot_versus_baseline needs controller points with accuracy_vs_baseline intervals")
+    panels = [
+        ("budget", "accuracy_vs_baseline", "accuracy − lookup table (points)", "per-request budget (ms)"),
+        ("budget", "latency_saving_vs_baseline", "latency saved vs lookup table (%)", "per-request budget (ms)"),
+        ("target", "accuracy_vs_baseline", "accuracy − static hull (points)", "target mean latency (ms)"),
+    ]
+    panels = [pn for pn in panels if any(r["kind"] == pn[0] and r.get(pn[1]) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    offsets = {p: (i - (len(policies) - 1) / 2) * 0.25 for i, p in enumerate(policies)}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (kind, key, ylabel, xlabel) in zip(axes[0], panels):
+        for i, policy in enumerate(policies):
+            pts = sorted((r for r in rows if r["policy"] == policy and r["kind"] == kind and r.get(key)), key=lambda r: r["x"])
+            if not pts:
+                continue
+            x = np.array([r["x"] for r in pts]) + offsets[policy]
+            mean = np.array([100 * r[key][0] for r in pts])
+            err = np.abs(np.array([[100 * r[key][1] for r in pts], [100 * r[key][2] for r in pts]]) - mean)
+            ax.errorbar(x, mean, yerr=err, fmt="o-", ms=4, lw=1, capsize=3, color=cycle[i % len(cycle)],
+                        label=f"{policy} ({pts[0].get('seeds') or 1} seeds)")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("controllers against the baseline: 95 % intervals over test requests and training seeds", fontsize=10)
     fig.tight_layout()
     return fig
 
