@@ -49,7 +49,7 @@ def test_ceiling_is_above_the_baselines(results):
     for b in budgets:
         table, family, oracle = (by[name, "budget", b] for name in ("lookup table", "per-family oracle", "per-request oracle"))
         # The per-request oracle reads the answers: nothing that fits is more accurate.
-        assert oracle["accuracy"] >= max(table["accuracy"], family["accuracy"]) - 1e-9
+        assert oracle["accuracy"] >= max(table["accuracy"], family["accuracy"]) - 1e-6
         assert table["violation_rate"] == 0.0 and family["violation_rate"] == 0.0
     for t in targets:
         hull, single = by["static hull (random mix)", "target", t], by["best single configuration", "target", t]
