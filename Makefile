@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 # the artifacts describe one machine; serving calibrates to the user's (knoblib.calibration).
 ARTIFACT_ENV = KNOBLIB_LATENCY_TABLE=shipped
 PRICE    = --max-price 8 --average-fraction 0.5 --saving-bonus 0.01
-TRAIN_B  = $(ARTIFACT_ENV) $(BIN)/python -m knoblib train --mode B $(PRICE) --warm-start-teacher correctness --warm-start-steps 3000 --warm-start-entropy 0.01 --kl-coef 0.05 --steps 500 --overwrite
+TRAIN_B  = $(ARTIFACT_ENV) $(BIN)/python -m knoblib train --mode B $(PRICE) --warm-start-teacher correctness --warm-start-steps 3000 --warm-start-entropy 0.01 --kl-coef 0.05 --steps 250 --overwrite
 TRAIN_A  = $(ARTIFACT_ENV) $(BIN)/python -m knoblib train --mode A-resumable $(PRICE) --steps 1500 --overwrite
 artifacts: $(STAMP)
 	$(BIN)/python -m knoblib data --out data/vqa --tokenizer-out data/tokenizer --overwrite

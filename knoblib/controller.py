@@ -2,7 +2,7 @@
 
 * ``Knob1PredictorBudgetLanguage`` (Stage 1): ``lang_feat`` + ``budget_feat`` -> logits
   over tiers and insertion positions p = 1..P.
-* ``Knob2Knob3Predictor`` (Stage 2), two input modes (the seed's names):
+* ``Knob2Knob3Predictor`` (Stage 2), two input modes (the original system's names):
 
   - Mode B, ``use_optimized_mode=True``: ``lang_feat`` + ``budget_feat`` + an embedding of
     p. Every knob is known before the VLM runs, so a whole GRPO group runs as one batch.
@@ -17,6 +17,19 @@
 
 Decisions are carried as INDICES into the knob space's option lists (``Decisions``);
 ``Decisions.to_knobs`` turns them into ``KnobConfig`` values.
+
+The original system numbers its knobs; knoblib names them (docs/background.md):
+
+| original | knoblib |
+|---|---|
+| knob1a | ``tier`` |
+| knob1b | ``insertion_position`` (p) |
+| knob2 | ``top_k`` |
+| knob3 | ``num_active_blocks`` |
+| ``Knob1PredictorBudgetLanguage`` | Stage 1: (tier, insertion_position) |
+| ``Knob2Knob3Predictor`` | Stage 2: (top_k, num_active_blocks) |
+| ``get_knob3_options(p)`` / ``knob3_mask`` | the totals of ``num_active_blocks`` p allows |
+| ``use_optimized_mode=True`` | Mode B |
 """
 
 from __future__ import annotations
@@ -110,6 +123,9 @@ class PolicyHead(nn.Linear):
 class Knob1PredictorBudgetLanguage(nn.Module):
     """Stage 1: (tier, insertion position) logits from the question and the budget.
 
+    The original system's name: it predicts knob 1 (knob1a = ``tier``, knob1b =
+    ``insertion_position``) from the budget and the language features.
+
     Args:
         lang_dim: width of ``lang_feat`` (the VLM's d_model).
         budget_dim: width of ``budget_feat``.
@@ -152,6 +168,8 @@ class Knob1PredictorBudgetLanguage(nn.Module):
 
 class Knob2Knob3Predictor(nn.Module):
     """Stage 2: (top_k, num_active_blocks) logits for rows whose insertion position p is known.
+
+    The original system's name: knob 2 is ``top_k``, knob 3 ``num_active_blocks``.
 
     Args:
         use_optimized_mode: True for Mode B (``lang_feat`` + ``budget_feat`` + embedding(p)),
@@ -415,7 +433,7 @@ class ControllerConfig(PretrainedConfig):
     ``__post_init__``.
 
     Attributes:
-        mode: "B" (Stage 2 from lang_feat + budget_feat + p, the seed's optimisation) or
+        mode: "B" (Stage 2 from lang_feat + budget_feat + p, the original system's optimisation) or
             "A" (Stage 2 from the latency token + p).
         knob_space: the knob space as a dict (``KnobSpace.as_dict()``: num_layers,
             default_top_k, max_insertion_position, max_dropped_blocks, tiers); default

@@ -24,7 +24,7 @@ from .latency import check_budgets as _as_budgets
 
 
 class LanguageFeatureExtractor:
-    """Mean-pooled input embeddings of the question tokens (the seed's ``lang_feat``).
+    """Mean-pooled input embeddings of the question tokens (the original system's ``lang_feat``).
 
     Args:
         embedding: the VLM's input embedding table (``KnobVLM.input_embeddings``), frozen.

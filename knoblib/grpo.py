@@ -16,7 +16,7 @@ per request (N = B * G rows):
 
 The three execution modes differ only in step 3-4 and in the forwards they count:
 
-* ``A-naive`` (the seed's baseline): a partial forward to p for the latency token, then a
+* ``A-naive`` (the original system's baseline): a partial forward to p for the latency token, then a
   separate full forward: 2 G forwards per request (10 at G = 5);
 * ``A-resumable``: one forward per rollout that pauses at p, lets Stage 2 decide and
   continues from the same hidden states and KV cache (G per request);
@@ -61,54 +61,66 @@ START_ONLY_FIELDS = ("warm_start_steps", "warm_start_entropy", "warm_start_teach
 
 @dataclass
 class GRPOConfig:
-    """Arguments of joint GRPO training.
+    """Arguments of joint GRPO training, grouped as TRL's ``GRPOConfig`` groups them.
 
-    Attributes:
+    Where TRL (Hugging Face's ``trl.GRPOConfig``) has the same setting, its name is given
+    in brackets, so a reader who knows TRL can map one onto the other.
+
+    What is trained:
         mode: ``A-naive``, ``A-resumable`` or ``B`` (see the module docstring).
-        group_size: G, rollouts per request.
-        batch_size: B, requests per step.
-        steps: optimizer steps (``train`` stops there).
-        lr: Adam learning rate for the controller.
-        inner_iterations: policy-gradient passes over the same rollouts (> 1 makes the
-            clipping matter: the ratio to the rollout policy moves away from 1).
-        clip_eps: PPO/GRPO clip range for the probability ratio.
-        kl_coef: weight of the KL term to the frozen reference controller (0 = off).
-        entropy_coef: weight of the entropy bonus (sum over the four knobs).
-        scale_rewards: ``group`` divides advantages by the group's std (GRPO),
-            ``batch`` by the batch's std, ``none`` only subtracts the group mean (the
-            default: dividing by a group's std blows tiny reward differences, such as
-            the saving bonus among equally correct rollouts, up to unit size; with
-            ``group`` the shipped runs collapsed to the cheapest configuration within
-            250 steps, validation accuracy 0.515 vs 0.738 with ``none``).
-        skip_zero_std_groups: drop groups whose rewards are all equal from the loss
-            (they carry no signal and would only dilute the mean).
-        max_grad_norm: gradient-norm clip.
-        answer_tokens: most tokens decoded per rollout (answers are one word + eos).
+        use_question: False trains the budget-only ablation (the controller's
+            ``config.use_question``): what the question adds over the budget and price.
+        seed: seeds batches, budgets and knob sampling [``seed``].
+
+    The loop and the optimizer:
+        steps: optimizer steps; ``train`` stops there [``max_steps``].
+        batch_size: B, requests per step (each with G rollouts).
+        lr: Adam learning rate for the controller [``learning_rate``].
+        max_grad_norm: gradient-norm clip [``max_grad_norm``].
+
+    Generation (the rollouts):
+        group_size: G, rollouts per request [``num_generations``].
+        answer_tokens: most tokens decoded per rollout (answers are one word + eos)
+            [``max_completion_length``].
         budget_margin: budgets are drawn from the achievable range widened by this
             fraction at both ends.
+        average_fraction: share of training requests served the average-latency way: no
+            per-request budget, a latency price ``max_price * u^2`` (``knoblib.reward``);
+            the rest get a budget and price 0.
+        max_price: the largest latency price trained on (the controller's
+            ``config.max_price``); 0 trains per-request budgets only.
         budget_guard: mask options whose profiled latency cannot fit the budget
             (``knoblib.guard``), in sampling and in the log-probabilities.
         guard_quantile: the latency quantile the guard holds each configuration to
             (one the latency table keeps; ``knoblib.guard.DEFAULT_QUANTILE``).
-        average_fraction: share of training requests served the average-latency way: no
-            per-request budget, a latency price drawn uniformly from [0, max_price]
-            (``knoblib.reward``); the rest get a budget and price 0.
-        max_price: the largest latency price trained on (the controller's
-            ``config.max_price``); 0 trains per-request budgets only.
-        use_question: False trains the budget-only ablation (the controller's
-            ``config.use_question``): what the question adds over the budget and price.
-        val_every: steps between validations (0 = never during training).
-        val_size: validation requests (each paired with budgets from the sweep).
+
+    The loss:
+        inner_iterations: policy-gradient passes over the same rollouts; > 1 makes the
+            clipping matter, as the ratio to the rollout policy moves away from 1
+            [``num_iterations``].
+        clip_eps: PPO/GRPO clip range for the probability ratio [``epsilon``].
+        kl_coef: weight of the KL term to the frozen reference controller, 0 = off [``beta``].
+        entropy_coef: weight of the entropy bonus (sum over the four knobs); TRL has none.
+        scale_rewards: ``group`` divides advantages by the group's std (the original
+            GRPO), ``batch`` by the batch's std, ``none`` only subtracts the group mean
+            (as in Dr. GRPO) [``scale_rewards``]. The default ``none``: dividing by a
+            group's std blows tiny reward differences (a saving bonus among equally
+            correct rollouts) up to unit size (docs/findings.md).
+        skip_zero_std_groups: drop groups whose rewards are all equal from the loss
+            (they carry no signal and would only dilute the mean).
+        reward: the reward weights (``knoblib.reward.RewardConfig``) [``reward_weights``].
+
+    Validation:
+        val_every: steps between validations, 0 = never during training [``eval_steps``].
+        val_size: validation requests (each at every budget of the sweep and price).
         val_budgets: budgets in the validation sweep.
-        seed: seeds batches, budgets and knob sampling.
-        reward: the reward weights.
-        warm_start_steps: behaviour-cloning steps on the static lookup table before GRPO
-            (``JointGRPOTrainer.warm_start``; Mode B only; 0 = start from scratch). The
-            ``train`` command runs them when it starts a fresh run.
-        warm_start_entropy: entropy bonus during the warm start (keeps GRPO exploring).
-        warm_start_teacher: whom the warm start fits, all from measured accuracies:
-            ``correctness`` (the default; Mode B): the expected reward of every
-            configuration on training questions, from their per-sample correctness
+
+    The warm start (before GRPO; Mode B only; ``train`` runs it when a run starts):
+        warm_start_steps: its steps; 0 = start from scratch.
+        warm_start_entropy: its entropy bonus (keeps GRPO exploring afterwards).
+        warm_start_teacher: what it fits, all from measured accuracies:
+            ``correctness`` (the default): the expected reward of every configuration on
+            training questions, from their per-sample correctness
             (``JointGRPOTrainer.fit_to_correctness``); ``oracle``: clone, per training
             question and budget, the cheapest configuration that answers it right within
             the budget (``oracle_teacher``); ``table``: the static lookup table;
@@ -836,6 +848,14 @@ class JointGRPOTrainer:
         out = Path(out_dir) if out_dir is not None else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
+        if out is not None and self.cfg.val_every and self.step_count == 0:
+            # The starting point (after a warm start: the fitted controller) is validated too
+            # and competes for "best": GRPO has to beat it to replace it.
+            start = {"step": 0, "mode": self.cfg.mode, **self.validate()}
+            self.best_val_reward = start["val_reward"]
+            self.save_checkpoint(out / "best")
+            with open(out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(start) + "\n")
         bar = tqdm(total=self.cfg.steps, initial=self.step_count, desc=f"GRPO {self.cfg.mode}", disable=not progress)
         while self.step_count < self.cfg.steps:
             metrics = self.train_step()

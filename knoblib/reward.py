@@ -160,7 +160,7 @@ def original_reward(
     budget_ms: torch.Tensor,
     complexity: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The original repo's reward, for comparison (DESIGN.md section 3)::
+    """The original implementation's reward, for comparison (docs/background.md)::
 
         acc - 0.5 sigmoid(10 (L/B - 1)) - 10 (max(0, L - B) / B)^2 - 0.05 complexity
             + 0.1 (1 - L/B) [L <= B]
