@@ -65,7 +65,7 @@ def _jsonable(value):
     return value
 
 
-def save_results(results: dict, name: str, results_dir: str | Path) -> Path:
+def save_results(results: dict, name: str, results_dir: str | Path) -> None:
     """Write a notebook's key numbers to ``results_dir/name.json`` and say how many.
 
     The notebook tests read this file (``tests/test_nbXX.py``): what a test checks is a
@@ -75,7 +75,6 @@ def save_results(results: dict, name: str, results_dir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(results), indent=1) + "\n")
     print(f"{len(results)} key numbers saved to {path.name} in RESULTS_DIR")
-    return path
 
 
 def _environment() -> None:

@@ -103,8 +103,8 @@ def test_save_results_writes_plain_json_and_prints_no_path(tmp_path, capsys):
 
     from knoblib.knobs import KnobConfig
 
-    path = save_results({"a": torch.tensor(0.5), "b": KnobConfig("high", 1, 2, 8), "c": [torch.tensor([1, 2])]},
-                        "nb", tmp_path / "results")
-    assert json.loads(path.read_text()) == {"a": 0.5, "b": "high/p1/k2/b8", "c": [[1, 2]]}
+    save_results({"a": torch.tensor(0.5), "b": KnobConfig("high", 1, 2, 8), "c": [torch.tensor([1, 2])]},
+                 "nb", tmp_path / "results")
+    assert json.loads((tmp_path / "results" / "nb.json").read_text()) == {"a": 0.5, "b": "high/p1/k2/b8", "c": [[1, 2]]}
     printed = capsys.readouterr().out
     assert "3 key numbers" in printed and str(tmp_path) not in printed
