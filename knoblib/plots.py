@@ -458,6 +458,7 @@ def plot_budget_choice(
     answer: str,
     truth: str,
     latency_ms: float,
+    price: float | None = None,
 ) -> Figure:
     """One request at one budget: its image, question and answer, beside ``plot_pareto``
     with the chosen configurations circled and the budget drawn as a vertical line (the
@@ -465,22 +466,28 @@ def plot_budget_choice(
 
     Args:
         config_accuracy, table: as in ``plot_pareto``.
-        budget_ms: the latency budget.
+        budget_ms: the latency budget (``inf`` in the average-latency mode: no line).
         choices: {label: configuration} to circle (e.g. the controller's and the lookup table's).
         image: the request's uint8 image (3, H, W); question: its question.
         answer / truth: the model's answer and the true one; latency_ms: the answer's
             profiled latency (compared with the budget in the caption).
+        price: the latency price in the average-latency mode (named in the title and caption).
     """
     fig = plot_pareto(config_accuracy, table, highlight=choices)
     pareto = fig.axes[0]
-    lo, hi = pareto.get_xlim()
-    lo, hi = min(lo, budget_ms * 0.97), max(hi, budget_ms * 1.03)
-    pareto.axvline(budget_ms, color="#e31a1c", ls="--", lw=1.5, label=f"budget {budget_ms:.1f} ms")
-    pareto.axvspan(budget_ms, hi, color="#e31a1c", alpha=0.06)
-    pareto.set_xlim(lo, hi)
+    capped = math.isfinite(budget_ms)
+    if capped:
+        lo, hi = pareto.get_xlim()
+        lo, hi = min(lo, budget_ms * 0.97), max(hi, budget_ms * 1.03)
+        pareto.axvline(budget_ms, color="#e31a1c", ls="--", lw=1.5, label=f"budget {budget_ms:.1f} ms")
+        pareto.axvspan(budget_ms, hi, color="#e31a1c", alpha=0.06)
+        pareto.set_xlim(lo, hi)
     pareto.set_ylim(-8, 104)  # full scale, room for labels below 0 %: the axes stay put as the budget moves
     pareto.legend(fontsize=8, loc="best")
-    pareto.set_title(f"{pareto.get_title()}; shaded: over the budget", fontsize=10)
+    if capped:
+        pareto.set_title(f"{pareto.get_title()}; shaded: over the budget", fontsize=10)
+    else:
+        pareto.set_title(f"{pareto.get_title()}; no budget, latency price {price or 0:.2f}", fontsize=10)
     # Widen the figure and put the request's image on its left.
     width, height = fig.get_size_inches()
     extra = 3.4
@@ -496,9 +503,10 @@ def plot_budget_choice(
     image_ax.set_title(textwrap.fill(question, 30), fontsize=9)
     correct = answer == truth
     verdict = "correct" if correct else f"wrong, truth: {truth}"
+    where = (f"{'>' if latency_ms > budget_ms else '<='} budget {budget_ms:.1f} ms" if capped
+             else f"at latency price {price or 0:.2f}")
     image_ax.set_xlabel(
-        f"answer: {answer or '<empty>'} ({verdict})\n{latency_ms:.1f} ms "
-        f"{'>' if latency_ms > budget_ms else '<='} budget {budget_ms:.1f} ms",
+        f"answer: {answer or '<empty>'} ({verdict})\n{latency_ms:.1f} ms {where}",
         fontsize=9,
         color="#1a7f37" if correct else "#b2182b",
     )
