@@ -297,7 +297,8 @@ def source_problems(path: Path) -> list[str]:
 
 
 def run_tutorial(smoke: bool = False) -> dict[str, float]:
-    """Execute every notebook in order (in place unless ``smoke``); print where the results are."""
+    """Execute every numbered notebook in order, then ``solutions.ipynb`` (in place unless ``smoke``);
+    print where the results are."""
     import tempfile
 
     results_dir = NOTEBOOK_DIR / "results"
@@ -307,7 +308,8 @@ def run_tutorial(smoke: bool = False) -> dict[str, float]:
         results_dir = out_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     times = {}
-    for nb in notebooks():
+    # The numbered notebooks in order, then the exercises' solutions (they use what the notebooks teach).
+    for nb in [*notebooks(), *([SOLUTIONS] if SOLUTIONS.is_file() else [])]:
         print(f"running {nb.name} ({'smoke' if smoke else 'full'} mode) ...", flush=True)
         output = out_dir / nb.name
         times[nb.name] = execute(nb, output, smoke, results_dir)
