@@ -106,7 +106,7 @@ def bench_partial(vlm, table, args) -> dict:
     with torch.no_grad():
         probe = controller.probe_embeddings(torch.tensor([0.5 * sum(sampler.relative_range)])).detach()
 
-    variants, labels = {}, {}
+    variants = {}
     for tier in space.tiers:
         full = KnobConfig(tier, space.max_insertion_position, space.default_top_k, space.num_layers)
 

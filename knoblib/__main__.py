@@ -8,14 +8,18 @@ rebuilt, in order, by ``make artifacts``, which passes each command an explicit 
     python -m knoblib pretrain           # the tiny MoE VLM        -> runs/model
     python -m knoblib rank-blocks        # block importance        -> runs/model_ranked (a copy of --model)
     python -m knoblib profile-latency    # latency of every config -> runs/latency_table.json
+    python -m knoblib correctness        # which configs answer each question right -> runs/correctness_val.safetensors
     python -m knoblib config-accuracy    # val accuracy per config -> runs/config_accuracy_val.json
     python -m knoblib oracle-gap         # what a family-aware policy could win over the lookup table
     python -m knoblib knob-table         # README's knob table     -> runs/knob_table.json
     python -m knoblib expert-ablation    # why top_k is cheap      -> runs/expert_ablation.json
     python -m knoblib train --mode B     # GRPO controller         -> runs/B (--export DIR: the best controller)
-        (shipped: --warm-start-steps 300 --warm-start-entropy 0.5 --warm-start-teacher family-table --kl-coef 0.05)
+        (shipped: see TRAIN_B in the Makefile: a fit to the correctness table, then GRPO with a price input)
     python -m knoblib train --mode A-resumable                     -> runs/A-resumable
-    python -m knoblib evaluate           # budget sweep            -> runs/eval
+    python -m knoblib evaluate           # the accuracy / latency plane     -> runs/eval/plane.json, plane.png
+    python -m knoblib evaluate --measured  # served and timed one by one   -> runs/eval/measured.json
+    python -m knoblib report data/eval   # the README's results table (markdown)
+    python -m knoblib answer --image I --question Q --budget-ms B   # one budgeted answer (one JSON line)
 
 Writing into ``data/`` or over an existing output needs an explicit path and
 ``--overwrite``; the check runs before any long work starts.
@@ -26,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -121,14 +124,14 @@ def cmd_pretrain(args) -> None:
 def cmd_rank_blocks(args) -> None:
     import shutil
 
-    from .data import load_split, split_path
+    from .assets import load_samples
     from .importance import block_importance
     from .outputs import replace_dir, staging_dir
     from .vlm import KnobVLM
 
     target = check_output(args.out, args.overwrite, "--out", kind="dir")
     vlm = KnobVLM.from_pretrained(args.model)
-    samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+    samples = load_samples(args.split, args.n)
     result = block_importance(vlm, samples)
     vlm.set_block_importance(result["importance"])
     # A copy of the model folder (its other files, e.g. pretrain_log.json, included) with the
@@ -156,7 +159,7 @@ def cmd_profile_latency(args) -> None:
 
 
 def cmd_config_accuracy(args) -> None:
-    from .data import load_split, split_path
+    from .assets import load_samples
     from .evaluate import config_accuracy, save_config_accuracy
     from .vlm import KnobVLM
 
@@ -172,7 +175,7 @@ def cmd_config_accuracy(args) -> None:
             raise ValueError(f"--correctness {args.correctness} holds the {table.split!r} split, not {args.split!r}")
     else:
         vlm = KnobVLM.from_pretrained(args.model)
-        samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+        samples = load_samples(args.split, args.n)
         result = config_accuracy(vlm, samples, list(vlm.knob_space))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_config_accuracy(result, args.out, args.split)
@@ -201,14 +204,15 @@ def cmd_correctness(args) -> None:
 
 
 def cmd_knob_table(args) -> None:
-    from .data import FAMILIES, load_split, split_path
+    from .assets import load_samples
+    from .data import FAMILIES
     from .evaluate import config_accuracy, knob_table_configs
     from .latency import profile_latency
     from .vlm import KnobVLM
 
     check_output(args.out, args.overwrite, "--out")
     vlm = KnobVLM.from_pretrained(args.model)
-    samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+    samples = load_samples(args.split, args.n)
     named = knob_table_configs(vlm.knob_space)
     configs = [k for _, k in named]
     acc = config_accuracy(vlm, samples, configs)
@@ -230,13 +234,14 @@ def cmd_knob_table(args) -> None:
 
 
 def cmd_expert_ablation(args) -> None:
-    from .data import FAMILIES, load_split, split_path
+    from .assets import load_samples
+    from .data import FAMILIES
     from .experts import expert_ablation, router_mass
     from .vlm import KnobVLM
 
     check_output(args.out, args.overwrite, "--out")
     vlm = KnobVLM.from_pretrained(args.model)
-    samples = load_split(split_path(data_path("vqa"), args.split))[: args.n]
+    samples = load_samples(args.split, args.n)
     mass = router_mass(vlm, samples)
     ablation = expert_ablation(vlm, samples)
     print(f"router probability kept by the k strongest experts (blocks >= 1, {mass['tokens']} token-blocks):")
@@ -299,6 +304,12 @@ def cmd_oracle_gap(args) -> None:
     if score is not None:
         mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         print(f"mean over budgets on --score: table {mean('lookup_score'):.4f}, family oracle {mean('oracle_score'):.4f}")
+
+
+def cmd_report(args) -> None:
+    from .report import report
+
+    print(report(args.folder))
 
 
 def cmd_tutorial(args) -> None:
@@ -487,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="budget sweep on the test split against the baselines")
+    p = sub.add_parser("evaluate", help="every policy on the accuracy / mean-latency plane of the test split")
     _add_model(p)
     p.add_argument(
         "--controllers",
@@ -512,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantile", type=FRACTION, default=DEFAULT_QUANTILE, help="latency quantile the budget guard holds configurations to"
     )
     p.add_argument(
-        "--out", default=str(runs_path("eval")), help="folder for sweep.json / measured.json (default: runs/eval)"
+        "--out", default=str(runs_path("eval")), help="folder for plane.json and plane.png, or measured.json (default: runs/eval)"
     )
     _add_overwrite(p)
     p.set_defaults(fn=cmd_evaluate)
@@ -526,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default="local", help="latency table: local (this machine, calibrated), shipped, or a path")
     p.set_defaults(fn=cmd_answer)
 
+    p = sub.add_parser("report", help="the README's results table from an evaluation folder (plane.json, measured.json)")
+    p.add_argument("folder", nargs="?", default="data/eval", help="folder written by `evaluate` (default: data/eval)")
+    p.set_defaults(fn=cmd_report)
+
     p = sub.add_parser("tutorial", help="execute every notebook (full mode) and print where the results are")
     p.add_argument("--smoke", action="store_true")
     p.set_defaults(fn=cmd_tutorial)
@@ -534,11 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    import torch
+    from .latency import serving_threads
 
-    # One intra-op thread unless OMP_NUM_THREADS says otherwise: as fast as two for this
-    # tiny model, and stable on a shared 2-core machine. Latency tables record it.
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    # One intra-op thread unless OMP_NUM_THREADS says otherwise (see serving_threads).
+    serving_threads()
     start = time.perf_counter()
     args.fn(args)
     print(f"[{args.command} took {time.perf_counter() - start:.0f} s]", file=sys.stderr)

@@ -67,6 +67,8 @@ def _check_features(name: str, x: torch.Tensor | None, dim: int, rows: int | Non
     return x
 
 
+# A controller's Stage-2 input: "A" reads the latency token, "B" the question, budget and p.
+CONTROLLER_MODES = ("A", "B")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 
 
@@ -483,7 +485,7 @@ class ControllerConfig(PretrainedConfig):
                 "it budgets in milliseconds of one machine; retrain it (python -m knoblib train), or set "
                 "budget_range = budget_range_ms / (the full configuration's latency on the training machine)"
             )
-        if self.mode not in ("A", "B"):
+        if self.mode not in CONTROLLER_MODES:
             raise ValueError(f"mode={self.mode!r} is invalid: allowed 'A' (latency token) or 'B' (optimised)")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is invalid: allowed {list(ACTIVATIONS)}")

@@ -156,11 +156,12 @@ def measure_correctness(
     if not samples:
         raise ValueError("samples is empty: measure at least one question")
     configs = list(vlm.knob_space) if configs is None else [vlm.knob_space.validate(k) for k in configs]
+    from .accuracy import correct_answers
+
     images = [s.image() for s in samples]
-    correct = torch.zeros(len(samples), len(configs), dtype=torch.bool)
-    for c, knobs in enumerate(tqdm(configs, desc="configurations", disable=not progress)):
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            answers = vlm.generate(images[start : start + batch_size], [s.question for s in chunk], knobs).answers
-            correct[start : start + len(chunk), c] = torch.tensor([a == s.answer for a, s in zip(answers, chunk)])
+    columns = [
+        correct_answers(vlm, samples, knobs, images=images, batch_size=batch_size)
+        for knobs in tqdm(configs, desc="configurations", disable=not progress)
+    ]
+    correct = torch.stack(columns, dim=1)
     return Correctness(correct, [s.uid for s in samples], [s.family for s in samples], configs, split)

@@ -14,6 +14,8 @@ Latency is the profiled latency of each chosen configuration served alone.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import random
 import time
@@ -42,24 +44,13 @@ def config_accuracy(
     """Greedy exact-match accuracy of each configuration, overall (``all``) and per family."""
     from tqdm.auto import tqdm
 
+    from .accuracy import correct_answers, family_accuracy
+
     images = [s.image() for s in samples] if images is None else images
-    result = {}
-    for knobs in tqdm(configs, desc="configurations", disable=not progress):
-        hits = []
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start : start + batch_size]
-            out = vlm.generate(images[start : start + batch_size], [s.question for s in chunk], knobs)
-            hits += [a == s.answer for a, s in zip(out.answers, chunk)]
-        result[knobs] = _family_accuracy(samples, hits)
-    return result
-
-
-def _family_accuracy(samples: list[VQASample], hits: list[bool]) -> dict[str, float]:
-    acc = {"all": sum(hits) / max(1, len(hits))}
-    for family in FAMILIES:
-        fam = [h for h, s in zip(hits, samples) if s.family == family]
-        acc[family] = sum(fam) / len(fam) if fam else float("nan")
-    return acc
+    return {
+        knobs: family_accuracy(samples, correct_answers(vlm, samples, knobs, images=images, batch_size=batch_size))
+        for knobs in tqdm(configs, desc="configurations", disable=not progress)
+    }
 
 
 def knob_table_configs(space: KnobSpace) -> list[tuple[str, KnobConfig]]:
@@ -110,13 +101,14 @@ def load_config_accuracy(path: str | Path) -> dict[KnobConfig, dict[str, float]]
 # controller are served the same way (``knoblib.serving.Server`` adds what serving by the
 # wall clock needs on top: the decision's own time, the machine's drift, the full
 # configuration above its latency).
-class StaticPolicy:
+class StaticPolicy(ABC):
     """A policy that picks from the budget (and the request) alone, before the model runs."""
 
     name = "static"
 
-    def choose_one(self, budget_ms: float, sample=None) -> KnobConfig:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def choose_one(self, budget_ms: float, sample=None) -> KnobConfig:
+        """The configuration for one request at ``budget_ms``."""
 
     def choose(self, vlm, samples, images, budgets) -> tuple[list[KnobConfig], list[str]]:
         budgets = check_budgets(budgets)

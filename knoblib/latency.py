@@ -78,6 +78,23 @@ def _space(space: dict) -> KnobSpace:
     return KnobSpace(**{**space, "tiers": tuple(space.get("tiers", TIERS))})
 
 
+def serving_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads for timing and serving, and return the number.
+
+    None means ``$OMP_NUM_THREADS``, else 1. One thread is as fast as two for this tiny
+    model at batch 1, and it does not stall when anything else runs: with as many threads
+    as cores, OpenMP's busy-waiting threads fought a second process on a 2-core machine and
+    one request took seconds instead of milliseconds. A latency table records the thread
+    count it was measured with (``machine_info``); serving must use the same.
+    """
+    if threads is None:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
+    if threads < 1:
+        raise ValueError(f"threads={threads} is invalid: at least 1")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def machine_info(device: torch.device | str | None = None) -> dict:
     """What the latencies depend on: CPU, core count, torch build and threads, Python.
 

@@ -40,13 +40,12 @@ from typing import Sequence
 
 import torch
 
+from .controller import CONTROLLER_MODES
 from .evaluate import ControllerPolicy, FullModelPolicy
 from .guard import DEFAULT_QUANTILE
 from .knobs import KnobConfig
-from .latency import LatencyTable, check_budgets
+from .latency import LatencyTable, check_budgets, serving_threads
 from .vlm import IMAGE_SIZE, KnobVLM, check_image
-
-MODES = ("A", "B")
 
 
 def load_image(image) -> torch.Tensor:
@@ -330,6 +329,7 @@ class BudgetedVLM:
         cache_dir: str | Path | None = None,
         progress: bool = True,
         log=print,
+        threads: int | None = None,
     ) -> "BudgetedVLM":
         """Load a VLM, its controller and this machine's latency table, and warm the server up.
 
@@ -343,13 +343,17 @@ class BudgetedVLM:
                 if a spot check agrees, else profiled now; see ``knoblib.calibration``),
                 ``"shipped"``, a path, or a ``LatencyTable``.
             quantile, cache_dir, progress, log: see ``BudgetedVLM`` and the calibration.
+            threads: torch's intra-op threads for this process (``latency.serving_threads``:
+                None means ``$OMP_NUM_THREADS``, else 1, as for the command line). Set before
+                the table is chosen, so the table and the serving use the same count.
         """
         from .assets import CALIBRATION_SAMPLES, TABLE_ENV, latency_table, load_samples
         from .controller import TwoStageController
         from .data import data_path
 
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is invalid: allowed {list(MODES)}")
+        if mode not in CONTROLLER_MODES:
+            raise ValueError(f"mode={mode!r} is invalid: allowed {list(CONTROLLER_MODES)}")
+        serving_threads(threads)
         root = Path(path) if path is not None else data_path()
         if not root.is_dir():
             raise FileNotFoundError(f"no served-model folder at {root}: expected model/ and controller_{mode}/ inside")

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from .controller import ControllerConfig, TwoStageController
-from .data import data_path, load_split, split_path
-from .assets import load_assets  # noqa: F401  (re-exported: notebooks import it from here)
+from .assets import load_assets, load_samples  # noqa: F401  (load_assets re-exported: notebooks import it from here)
+from .data import data_path
 from .grpo import WARM_START_TEACHERS, GRPOConfig, JointGRPOTrainer, check_resume_config, checkpoint_config
 from .guard import DEFAULT_QUANTILE
 from .latency import BudgetSampler, LatencyTable
@@ -41,10 +41,10 @@ def make_trainer(
     both stay where they are. ``train_uids`` keeps only those training questions (the ones
     a correctness table covers).
     """
-    train = load_split(split_path(data_path("vqa"), "train"))[:train_size]
+    train = load_samples("train", train_size)
     if train_uids is not None:
         train = [s for s in train if s.uid in train_uids]
-    val = load_split(split_path(data_path("vqa"), "val"))
+    val = load_samples("val")
     if controller is None:
         # The controller learns relative budgets: the training range as fractions of this
         # machine's full-configuration latency, so it serves on any machine.
@@ -238,7 +238,6 @@ def evaluate_command(args) -> None:
     """``python -m knoblib evaluate``: every policy on the accuracy / mean-latency plane (per-request
     budgets and target mean latencies, choices on val, scores on test, this machine's table), and
     with ``--measured`` every request served one at a time and timed by the wall clock."""
-    from .assets import load_samples
     from .evaluate import (
         ControllerPolicy,
         FullModelPolicy,

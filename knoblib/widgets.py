@@ -41,6 +41,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import torch
 
+from .controller import CONTROLLER_MODES
 from .data import VQASample, data_path, generate_split
 from .evaluate import LookupTablePolicy, load_config_accuracy
 from .features import LanguageFeatureExtractor
@@ -48,9 +49,9 @@ from .knobs import KnobConfig
 from .latency import BudgetSampler, LatencyTable
 from .plots import figure_png, plot_budget_choice, plot_budget_response
 
-# The explorer's mode names -> how ``run_controller`` executes them (Mode A resumes its
-# forward at p, so it costs one forward like Mode B).
-MODES: dict[str, str] = {"A": "A-resumable", "B": "B"}
+# A controller's mode -> how ``run_controller`` executes it (Mode A resumes its forward at
+# p, so it costs one forward like Mode B).
+MODES: dict[str, str] = {mode: {"A": "A-resumable"}.get(mode, mode) for mode in CONTROLLER_MODES}
 
 # Stable CSS classes of the UI's parts (a browser test finds them by these).
 CSS_CLASSES: dict[str, str] = {

@@ -1,6 +1,7 @@
 """Joint GRPO: the math on hand-made groups, forward counts, batched = alone, exact resume, bad inputs."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -125,7 +126,8 @@ def test_train_writes_metrics_and_atomic_checkpoints(tiny_vlm, table, pool, tmp_
     trainer = make_trainer(tiny_vlm, table, pool, mode="B", steps=2, val_every=1, val_size=4)
     trainer.train(tmp_path, progress=False)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2
+    # Step 0 (the untrained or warm-started controller) is validated too: it competes for best/.
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
     assert (tmp_path / "best" / "trainer_state.pt").is_file()
     assert (tmp_path / "last" / "trainer_state.pt").is_file()
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name or p.name.endswith(".old")]

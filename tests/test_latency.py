@@ -371,3 +371,18 @@ def test_check_budgets_names_the_bad_rows():
 def test_budget_sampler_rejects_bad_margin(table, margin):
     with pytest.raises(ValueError, match="margin"):
         BudgetSampler(table, margin=margin)
+
+
+def test_serving_threads_follows_omp_num_threads_else_one(monkeypatch):
+    from knoblib.latency import serving_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert serving_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert serving_threads() == 2 and torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="threads=0 is invalid"):
+            serving_threads(0)
+    finally:
+        torch.set_num_threads(before)
