@@ -4,7 +4,7 @@ Runs on the notebooks as committed (no execution): every numbered notebook has a
 ``NN · Title``, a "You will learn" cell, a "Summary" and "Exercises" at its end, a reading
 after each figure and a link to the glossary; no output shows a progress bar, a warning,
 an absolute path of the machine that ran it, or a float with all its digits; no cell
-mentions internal notes, branches or "the seed". Also checks the cleaning safety net
+mentions internal notes, branches or the original document by a nickname (``FORBIDDEN_SOURCE``). Also checks the cleaning safety net
 (``strip_volatile``) and ``save_results`` on made-up notebooks.
 """
 
@@ -93,9 +93,11 @@ def test_output_problems_name_warnings_paths_and_raw_floats(tmp_path):
 
 
 def test_source_problems_name_internal_words(tmp_path):
-    path = _notebook(tmp_path, [], source="# DESIGN.md section 2 says the seed's partial forward")
+    from knoblib.tutorial import _NOTES, _SEED
+
+    path = _notebook(tmp_path, [], source=f"# {_NOTES} section 2 says {_SEED}'s partial forward")
     problems = "\n".join(source_problems(path))
-    assert "DESIGN.md" in problems and "the seed" in problems
+    assert _NOTES in problems and _SEED in problems
 
 
 def test_save_results_writes_plain_json_and_prints_no_path(tmp_path, capsys):
