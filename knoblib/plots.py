@@ -8,6 +8,7 @@ dataclasses), draws one new figure, does no I/O and returns the ``matplotlib.fig
 
 | function | what it shows |
 |---|---|
+| :func:`plot_pipeline` | the whole system (request to GRPO), one part highlighted |
 | :func:`show_samples` | a grid of scenes with question / answer titles |
 | :func:`show_crops`, :func:`show_tiers` | the crops the vision tower sees for a tier (or every tier) |
 | :func:`plot_knob_table` | accuracy per question family and latency, each knob moved alone |
@@ -22,6 +23,8 @@ dataclasses), draws one new figure, does no I/O and returns the ``matplotlib.fig
 | :func:`plot_budget_encoding` | heatmaps of sinusoidal budget features across the budget range |
 | :func:`plot_similarity_matrix` | a labelled square matrix (e.g. cosine similarity of question features) |
 | :func:`plot_sweep` | accuracy and violation rate vs budget per policy |
+| :func:`plot_plane` | every policy on the accuracy / mean-latency plane, with intervals |
+| :func:`plot_versus_baseline` (+ :func:`versus_baseline`, :func:`format_versus_baseline`, :func:`verdict`) | each controller minus the baseline, 95 % intervals |
 | :func:`plot_training_curves` | metrics per training step, runs overlaid |
 | :func:`plot_forward_counts` | forwards per request and measured time per training mode |
 | :func:`plot_timings` | a labelled bar chart of measured times |
@@ -94,6 +97,114 @@ def _image_hwc(image: torch.Tensor) -> np.ndarray:
     else:
         x = (x.float() + 1.0) / 2.0
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+# --- the big picture ---------------------------------------------------------------------
+# The boxes of the pipeline figure: key -> (title, detail, x, y). One request flows along
+# the top row, left to right; its reward flows back along the bottom row to GRPO, which
+# updates both stages. The latency table and budget guard feed the stages and the reward.
+PIPELINE_BOXES: dict[str, tuple[str, str, float, float]] = {
+    "request": ("request", "image, question,\nbudget B or price λ", 0.0, 2.2),
+    "features": ("features", "lang_feat (question)\nbudget_feat (B, λ)", 2.0, 2.2),
+    "stage1": ("Stage 1", "tier,\ninsertion position p", 4.0, 2.2),
+    "partial": ("partial forward", "blocks < p → latency\ntoken (Mode A only)", 6.0, 2.2),
+    "stage2": ("Stage 2", "top_k,\nnum_active_blocks", 8.0, 2.2),
+    "executor": ("executor", "the VLM runs\nthe four knobs", 10.0, 2.2),
+    "guard": ("budget guard", "latency table: what each\nconfiguration costs here", 2.0, 0.0),
+    "grpo": ("GRPO", "update both stages\nfrom group advantages", 5.0, 0.0),
+    "reward": ("reward", "correct − violation\n(or − λ·latency)", 7.5, 0.0),
+    "answer": ("answer", "one word,\nits latency", 10.0, 0.0),
+}
+# (from, to, style): solid = data flow, dashed = training signal, dotted = reads the latency table.
+PIPELINE_ARROWS: tuple[tuple[str, str, str], ...] = (
+    ("request", "features", "solid"),
+    ("features", "stage1", "solid"),
+    ("stage1", "partial", "solid"),
+    ("partial", "stage2", "solid"),
+    ("stage2", "executor", "solid"),
+    ("executor", "answer", "solid"),
+    ("answer", "reward", "solid"),
+    ("reward", "grpo", "dashed"),
+    ("grpo", "stage1", "dashed"),
+    ("grpo", "stage2", "dashed"),
+    ("guard", "stage1", "dotted"),
+    ("guard", "reward", "dotted"),
+)
+PIPELINE_HIGHLIGHT = "#fdb863"
+
+
+def plot_pipeline(highlight: str | Sequence[str] | None = None, title: str | None = None) -> Figure:
+    """The whole system on one page, with the part a notebook is about highlighted.
+
+    A request (image, question, latency budget or price) becomes two cheap features; Stage 1
+    picks the tier and insertion position p; in Mode A a partial forward to block p yields
+    the latency token (Mode B skips it: the curved arrow); Stage 2 picks top_k and the
+    number of blocks; the executor runs the VLM with all four knobs; the answer and its
+    latency give a reward, and GRPO updates both stages from group advantages. The
+    latency table and the budget guard feed the choices and the reward.
+
+    Args:
+        highlight: one key of ``PIPELINE_BOXES`` or several (``request``, ``features``,
+            ``stage1``, ``partial``, ``stage2``, ``executor``, ``answer``, ``reward``,
+            ``grpo``, ``guard``); None highlights nothing.
+        title: drawn above the figure.
+    """
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    keys = [] if highlight is None else [highlight] if isinstance(highlight, str) else list(highlight)
+    unknown = [k for k in keys if k not in PIPELINE_BOXES]
+    if unknown:
+        raise ValueError(f"highlight={unknown[0]!r} is not a part of the pipeline: allowed {list(PIPELINE_BOXES)}")
+    width, height = 1.7, 1.0
+    fig, ax = plt.subplots(figsize=(11.0, 4.6))
+    for key, (name, detail, x, y) in PIPELINE_BOXES.items():
+        on = key in keys
+        box = FancyBboxPatch(
+            (x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.05,rounding_size=0.12",
+            facecolor=PIPELINE_HIGHLIGHT if on else "#f2f2f2", edgecolor="#333333" if on else "#999999",
+            lw=2.0 if on else 1.0, ls="--" if key == "partial" else "-", gid=f"pipeline-{key}",
+        )
+        ax.add_patch(box)
+        ax.text(x, y + 0.22, name, ha="center", va="center", fontsize=9.5, fontweight="bold",
+                color="black" if on or not keys else "#555555")
+        ax.text(x, y - 0.18, detail, ha="center", va="center", fontsize=7.2, color="#222222" if on or not keys else "#777777")
+
+    def edge(a: str, b: str) -> tuple[tuple[float, float], tuple[float, float]]:
+        (_, _, xa, ya), (_, _, xb, yb) = PIPELINE_BOXES[a], PIPELINE_BOXES[b]
+        if ya == yb:  # same row: leave and enter through the sides
+            sign = 1 if xb > xa else -1
+            return (xa + sign * width / 2, ya), (xb - sign * width / 2, yb)
+        sign = 1 if yb > ya else -1  # between rows: leave and enter through top / bottom
+        return (xa + 0.25 * (xb - xa) / max(abs(xb - xa), 1e-9) * min(abs(xb - xa), width / 2), ya + sign * height / 2), (
+            xb, yb - sign * height / 2)
+
+    styles = {"solid": ("-", "#333333"), "dashed": ("--", "#b2182b"), "dotted": (":", "#2166ac")}
+    for a, b, style in PIPELINE_ARROWS:
+        start, end = edge(a, b)
+        ls, color = styles[style]
+        bend = "arc3,rad=0.0"
+        if a == "guard" and b == "reward":  # under the GRPO box
+            start, end = (start[0] - width / 2 + 0.25, start[1] - height / 2), (end[0] + width / 2 - 0.25, end[1] - height / 2)
+            bend = "arc3,rad=0.18"
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=12, color=color, ls=ls, lw=1.3,
+                                     shrinkA=2, shrinkB=2, connectionstyle=bend))
+    # Mode B: Stage 2 reads the features directly, no partial forward.
+    (_, _, xf, yf), (_, _, xs, ys) = PIPELINE_BOXES["features"], PIPELINE_BOXES["stage2"]
+    ax.add_patch(FancyArrowPatch((xf + 0.3, yf + height / 2), (xs - 0.3, ys + height / 2), arrowstyle="-|>",
+                                 mutation_scale=12, color="#666666", lw=1.1, connectionstyle="arc3,rad=-0.22"))
+    ax.text((xf + xs) / 2, yf + height / 2 + 0.78, "Mode B: Stage 2 reads the features, before the model runs",
+            ha="center", va="center", fontsize=7.5, color="#444444")
+    ax.text(PIPELINE_BOXES["grpo"][2] - 1.15, 0.95, "training only", fontsize=7.5, color="#b2182b", ha="center")
+    ax.set_xlim(-1.0, 11.0)
+    ax.set_ylim(-1.45, 3.7)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    legend = "solid: one request's path   dashed red: training signal   dotted blue: reads the latency table"
+    ax.text(5.0, -1.25, legend, ha="center", va="center", fontsize=7.5, color="#444444")
+    if title:
+        ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    return fig
 
 
 # --- data ------------------------------------------------------------------------------
@@ -347,6 +458,7 @@ def plot_budget_choice(
     answer: str,
     truth: str,
     latency_ms: float,
+    price: float | None = None,
 ) -> Figure:
     """One request at one budget: its image, question and answer, beside ``plot_pareto``
     with the chosen configurations circled and the budget drawn as a vertical line (the
@@ -354,22 +466,28 @@ def plot_budget_choice(
 
     Args:
         config_accuracy, table: as in ``plot_pareto``.
-        budget_ms: the latency budget.
+        budget_ms: the latency budget (``inf`` in the average-latency mode: no line).
         choices: {label: configuration} to circle (e.g. the controller's and the lookup table's).
         image: the request's uint8 image (3, H, W); question: its question.
         answer / truth: the model's answer and the true one; latency_ms: the answer's
             profiled latency (compared with the budget in the caption).
+        price: the latency price in the average-latency mode (named in the title and caption).
     """
     fig = plot_pareto(config_accuracy, table, highlight=choices)
     pareto = fig.axes[0]
-    lo, hi = pareto.get_xlim()
-    lo, hi = min(lo, budget_ms * 0.97), max(hi, budget_ms * 1.03)
-    pareto.axvline(budget_ms, color="#e31a1c", ls="--", lw=1.5, label=f"budget {budget_ms:.1f} ms")
-    pareto.axvspan(budget_ms, hi, color="#e31a1c", alpha=0.06)
-    pareto.set_xlim(lo, hi)
+    capped = math.isfinite(budget_ms)
+    if capped:
+        lo, hi = pareto.get_xlim()
+        lo, hi = min(lo, budget_ms * 0.97), max(hi, budget_ms * 1.03)
+        pareto.axvline(budget_ms, color="#e31a1c", ls="--", lw=1.5, label=f"budget {budget_ms:.1f} ms")
+        pareto.axvspan(budget_ms, hi, color="#e31a1c", alpha=0.06)
+        pareto.set_xlim(lo, hi)
     pareto.set_ylim(-8, 104)  # full scale, room for labels below 0 %: the axes stay put as the budget moves
     pareto.legend(fontsize=8, loc="best")
-    pareto.set_title(f"{pareto.get_title()}; shaded: over the budget", fontsize=10)
+    if capped:
+        pareto.set_title(f"{pareto.get_title()}; shaded: over the budget", fontsize=10)
+    else:
+        pareto.set_title(f"{pareto.get_title()}; no budget, latency price {price or 0:.2f}", fontsize=10)
     # Widen the figure and put the request's image on its left.
     width, height = fig.get_size_inches()
     extra = 3.4
@@ -385,9 +503,10 @@ def plot_budget_choice(
     image_ax.set_title(textwrap.fill(question, 30), fontsize=9)
     correct = answer == truth
     verdict = "correct" if correct else f"wrong, truth: {truth}"
+    where = (f"{'>' if latency_ms > budget_ms else '<='} budget {budget_ms:.1f} ms" if capped
+             else f"at latency price {price or 0:.2f}")
     image_ax.set_xlabel(
-        f"answer: {answer or '<empty>'} ({verdict})\n{latency_ms:.1f} ms "
-        f"{'>' if latency_ms > budget_ms else '<='} budget {budget_ms:.1f} ms",
+        f"answer: {answer or '<empty>'} ({verdict})\n{latency_ms:.1f} ms {where}",
         fontsize=9,
         color="#1a7f37" if correct else "#b2182b",
     )
@@ -666,7 +785,7 @@ PLANE_STYLES = {
 }
 
 
-def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",)) -> Figure:
+def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",), errorbars: bool = True) -> Figure:
     """Every policy on the accuracy / mean-latency plane: per-request budgets (left), target mean latencies (right).
 
     Args:
@@ -674,6 +793,8 @@ def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",)) -> Figure:
             ``points`` (policy, kind, x, accuracy, mean_latency_ms), ``static`` (every
             configuration: ms, accuracy, label) and ``hull``.
         skip: policies left out of the figure.
+        errorbars: draw each controller point's 95 % intervals (``accuracy_ci``,
+            ``mean_latency_ms_ci``: bootstrap over test requests and training seeds).
     """
     points = [p for p in plane["points"] if p["policy"] not in skip]
     if not points:
@@ -698,7 +819,16 @@ def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",)) -> Figure:
                 style["color"] = colors.setdefault(policy, next(cycle))
                 style.setdefault("marker", "o")
                 style["lw"] = 2
-            ax.plot([p["mean_latency_ms"] for p in pts], [100 * p["accuracy"] for p in pts], ms=4, label=policy, **style)
+            (line,) = ax.plot([p["mean_latency_ms"] for p in pts], [100 * p["accuracy"] for p in pts], ms=4, label=policy,
+                              **style)
+            # 95 % intervals (bootstrap over test requests and training seeds) where the point has them.
+            bars = [p for p in pts if p.get("accuracy_ci") and p.get("mean_latency_ms_ci")]
+            if errorbars and bars and policy not in PLANE_STYLES:
+                x = np.array([p["mean_latency_ms"] for p in bars])
+                y = np.array([100 * p["accuracy"] for p in bars])
+                yerr = np.abs(np.array([[100 * p["accuracy_ci"][0] for p in bars], [100 * p["accuracy_ci"][1] for p in bars]]) - y)
+                xerr = np.abs(np.array([[p["mean_latency_ms_ci"][0] for p in bars], [p["mean_latency_ms_ci"][1] for p in bars]]) - x)
+                ax.errorbar(x, y, yerr=yerr, xerr=xerr, fmt="none", ecolor=line.get_color(), elinewidth=1, capsize=2, alpha=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("mean latency (ms, this machine's table)")
         ax.grid(alpha=0.3)
@@ -734,6 +864,97 @@ def plot_family_choices(choices: Mapping, table: LatencyTable) -> Figure:
     ax.set_yticks(range(len(families)), families)
     ax.set_xlabel("per-request budget (ms)")
     ax.set_title("the controller's most frequent configuration (and its share of the family's questions)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def verdict(interval: Sequence[float], unit: str = "") -> str:
+    """``better`` / ``worse`` / ``tie`` from a [mean, low, high] difference interval (95 %): a
+    difference counts only when its interval excludes 0."""
+    mean, low, high = (float(v) for v in interval)
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "tie"
+
+
+def versus_baseline(plane: Mapping) -> list[dict]:
+    """Each controller point's comparison with the baseline at the same budget or target.
+
+    Per-request budgets compare with the lookup table (accuracy difference and latency
+    saving), targets with the static hull (accuracy difference). Rows: ``policy``, ``kind``,
+    ``x``, ``seeds``, ``accuracy_vs_baseline`` and ``latency_saving_vs_baseline`` ([mean,
+    low, high], 95 %: bootstrap over test requests and seeds), and the verdicts they imply.
+    """
+    rows = []
+    for p in plane["points"]:
+        if p.get("accuracy_vs_baseline") is None:
+            continue
+        row = {k: p.get(k) for k in ("policy", "kind", "x", "seeds", "accuracy", "mean_latency_ms",
+                                    "accuracy_vs_baseline", "latency_saving_vs_baseline")}
+        row["baseline"] = "lookup table" if p["kind"] == "budget" else "static hull (random mix)"
+        row["accuracy_verdict"] = verdict(p["accuracy_vs_baseline"])
+        saving = p.get("latency_saving_vs_baseline")
+        row["latency_verdict"] = verdict(saving) if saving is not None else None
+        rows.append(row)
+    return rows
+
+
+def format_versus_baseline(rows: Sequence[Mapping]) -> str:
+    """:func:`versus_baseline`'s rows as a plain-text table (differences in points and percent)."""
+    head = (f"{'policy':>28} | {'kind':>6} | {'x ms':>6} | seeds | {'accuracy vs baseline (95 %)':>30} | "
+            f"{'latency saved (95 %)':>27}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        m, lo, hi = (100 * v for v in r["accuracy_vs_baseline"])
+        acc = f"{m:+5.1f} [{lo:+5.1f}, {hi:+5.1f}] {r['accuracy_verdict']:>6}"
+        if r.get("latency_saving_vs_baseline") is not None:
+            sm, slo, shi = (100 * v for v in r["latency_saving_vs_baseline"])
+            lat = f"{sm:+5.1f}% [{slo:+5.1f}, {shi:+5.1f}] {r['latency_verdict']:>6}"
+        else:
+            lat = ""
+        lines.append(f"{r['policy'][:28]:>28} | {r['kind']:>6} | {r['x']:6.1f} | {r.get('seeds') or 1:>5} | {acc:>30} | {lat:>27}")
+    lines.append("(accuracy in points, latency saving in % of the baseline's mean; 'tie': the interval contains 0)")
+    return "\n".join(lines)
+
+
+def plot_versus_baseline(plane: Mapping) -> Figure:
+    """Each controller against the baseline, with 95 % intervals (error bars).
+
+    Left: accuracy difference to the lookup table per per-request budget; middle: latency
+    saved against it; right: accuracy difference to the static hull per target mean latency.
+    A difference whose bar crosses 0 is a tie.
+    """
+    rows = versus_baseline(plane)
+    if not rows:
+        raise ValueError("plot_versus_baseline needs controller points with accuracy_vs_baseline intervals")
+    panels = [
+        ("budget", "accuracy_vs_baseline", "accuracy − lookup table (points)", "per-request budget (ms)"),
+        ("budget", "latency_saving_vs_baseline", "latency saved vs lookup table (%)", "per-request budget (ms)"),
+        ("target", "accuracy_vs_baseline", "accuracy − static hull (points)", "target mean latency (ms)"),
+    ]
+    panels = [pn for pn in panels if any(r["kind"] == pn[0] and r.get(pn[1]) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    offsets = {p: (i - (len(policies) - 1) / 2) * 0.25 for i, p in enumerate(policies)}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (kind, key, ylabel, xlabel) in zip(axes[0], panels):
+        for i, policy in enumerate(policies):
+            pts = sorted((r for r in rows if r["policy"] == policy and r["kind"] == kind and r.get(key)), key=lambda r: r["x"])
+            if not pts:
+                continue
+            x = np.array([r["x"] for r in pts]) + offsets[policy]
+            mean = np.array([100 * r[key][0] for r in pts])
+            err = np.abs(np.array([[100 * r[key][1] for r in pts], [100 * r[key][2] for r in pts]]) - mean)
+            ax.errorbar(x, mean, yerr=err, fmt="o-", ms=4, lw=1, capsize=3, color=cycle[i % len(cycle)],
+                        label=f"{policy} ({pts[0].get('seeds') or 1} seeds)")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("controllers against the baseline: 95 % intervals over test requests and training seeds", fontsize=10)
     fig.tight_layout()
     return fig
 

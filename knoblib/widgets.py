@@ -6,10 +6,19 @@ this budget, which knobs does the controller choose for this request, what does 
 model answer with them, and does the configuration fit?* It also gives the static lookup
 table's choice at the same budget, the baseline a controller must beat.
 
-Every piece of logic the widgets run is a plain method here (``explain``, ``new_sample``,
-``render``, ``figure``): an exception inside an ipywidgets callback does not fail
-papermill, so the notebook calls these once outside the widget and the tests call them
-directly. ``build_explorer_ui`` only wires widgets to them; the drawing is in ``knoblib.plots``.
+A request is served one of two ways (the two forms of the problem, notebook 00): with a
+**per-request budget** in milliseconds, or in the **average-latency mode** with no budget
+and a **latency price** lambda (a controller trained with ``--max-price`` reads it; the price
+that meets a target mean latency is ``price_for_target``). At a price the static
+comparison is the single configuration with the best validation accuracy minus
+``lambda * latency / full latency`` (``static_choice``), the content-agnostic policy at
+that price.
+
+Every piece of logic the widgets run is a plain method or function here (``explain``,
+``new_sample``, ``render``, ``figure``, ``price_for_target``, ``serving_condition``): an
+exception inside an ipywidgets callback does not fail papermill, so the notebook calls
+these once outside the widget and the tests call them directly. ``build_explorer_ui`` only
+wires widgets to them; the drawing is in ``knoblib.plots``.
 
 The UI marks its parts with stable CSS classes (``CSS_CLASSES``) and writes one-line
 texts a browser test can parse::
@@ -51,6 +60,8 @@ CSS_CLASSES: dict[str, str] = {
     "new_sample": "knoblib-new-sample",
     "mode": "knoblib-mode",
     "budget": "knoblib-budget-slider",
+    "serve_by": "knoblib-serve-by",
+    "price": "knoblib-price-slider",
     "knobs": "knoblib-knobs",
     "answer": "knoblib-answer",
     "details": "knoblib-details",
@@ -58,6 +69,9 @@ CSS_CLASSES: dict[str, str] = {
 }
 
 BUDGET_RULE = "must be a finite number of milliseconds > 0"
+PRICE_RULE = "must be a finite number >= 0"
+# How the UI serves the request: a per-request budget, or the average-latency mode at a price.
+SERVE_BY = ("budget", "price")
 _KNOBS_RE = re.compile(r"knobs:\s*tier=(\w+)\s+p=(\d+)\s+top_k=(\d+)\s+blocks=(\d+)")
 
 
@@ -94,7 +108,10 @@ class ExplorerResult:
         val_accuracy: that configuration's validation accuracy as a fixed configuration
             (None if it was not measured).
         table_knobs / table_answer / table_correct / table_latency_ms / table_val_accuracy:
-            the same for the static lookup table at the same budget.
+            the same for the static comparison: the lookup table at the same budget, or at
+            a price the best single configuration at that price (``static_choice``).
+        price: the latency price lambda in the average-latency mode (``budget_ms`` is then
+            ``inf``: no per-request budget), None for a per-request budget.
     """
 
     sample: VQASample
@@ -110,10 +127,17 @@ class ExplorerResult:
     table_correct: bool
     table_latency_ms: float
     table_val_accuracy: float | None
+    price: float | None = None
+
+    @property
+    def average_mode(self) -> bool:
+        """True when the request was served at a latency price, without a per-request budget."""
+        return self.price is not None
 
     @property
     def latency_over_budget(self) -> float:
-        return self.latency_ms / self.budget_ms
+        """latency / budget (0 in the average-latency mode: no budget)."""
+        return self.latency_ms / self.budget_ms if math.isfinite(self.budget_ms) else 0.0
 
     @property
     def violated(self) -> bool:
@@ -137,7 +161,8 @@ class ExplorerResult:
             "family": self.sample.family,
             "question": self.sample.question,
             "true_answer": self.sample.answer,
-            "budget_ms": float(self.budget_ms),
+            "budget_ms": float(self.budget_ms) if math.isfinite(self.budget_ms) else None,
+            "price": self.price,
             "mode": self.mode,
             "knobs": self.knobs.short(),
             "answer": self.answer,
@@ -249,8 +274,14 @@ class BudgetExplorer:
 
     @property
     def budget_range(self) -> tuple[float, float]:
-        """(low, high) in ms: from a little below the fastest configuration to a little above the slowest."""
-        return self.sampler.low, self.sampler.high
+        """(low, high) in ms: from a little below the fastest configuration to a little above the slowest,
+        as in training, and within the range every controller was trained on (a budget outside it
+        would only be served like the range's edge)."""
+        low, high = self.sampler.low, self.sampler.high
+        for controller in self.controllers.values():
+            lo, hi = controller.config.budget_range
+            low, high = max(low, self.table.absolute(lo)), min(high, self.table.absolute(hi))
+        return (low, high) if low < high else (self.sampler.low, self.sampler.high)
 
     def sample(self, which: int | VQASample) -> VQASample:
         """The request at index ``which`` of ``samples``, or ``which`` itself if it is a ``VQASample``."""
@@ -281,11 +312,82 @@ class BudgetExplorer:
             raise ValueError(f"mode={mode!r} is invalid: allowed {list(self.controllers)}")
         return mode
 
+    def max_price(self, mode: str = "B") -> float:
+        """The largest latency price the mode's controller was trained on (0: it has no price input)."""
+        return float(self.controllers[self.check_mode(mode)].config.max_price)
+
+    def check_price(self, price: float, mode: str = "B") -> float:
+        """``price`` as a float; ValueError unless it is a finite number >= 0 and the mode's
+        controller reads a price (``max_price > 0``)."""
+        try:
+            if isinstance(price, (bool, str, bytes)):
+                raise TypeError
+            value = float(price)
+        except (TypeError, ValueError):
+            raise ValueError(f"price={price!r} is invalid: {PRICE_RULE}") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"price={price!r} is invalid: {PRICE_RULE}")
+        if self.max_price(mode) <= 0:
+            raise ValueError(
+                f"the Mode-{mode} controller has no latency-price input (max_price=0): it serves per-request "
+                "budgets only; train one with `python -m knoblib train --max-price 8 --average-fraction 0.5`"
+            )
+        return value
+
+    def static_choice(self, price: float) -> KnobConfig:
+        """The content-agnostic choice at a latency price: the configuration with the best validation
+        accuracy minus ``price * latency / full latency`` (the faster one on a tie)."""
+        reference = self.table.reference_ms
+        return max(
+            self.config_accuracy,
+            key=lambda k: (float(self.config_accuracy[k]["all"]) - price * self.table.latency(k) / reference, -self.table.latency(k)),
+        )
+
     # --- the callbacks ----------------------------------------------------------------
-    def explain(self, which: int | VQASample, budget_ms: float, mode: str = "B") -> ExplorerResult:
-        """The controller's greedy knobs for one request at one budget, its answer, the
-        profiled latency, and the lookup table's choice at the same budget."""
-        return self._run([self.sample(which)], [self.check_budget(budget_ms)], self.check_mode(mode))[0]
+    def explain(
+        self, which: int | VQASample, budget_ms: float | None, mode: str = "B", price: float | None = None
+    ) -> ExplorerResult:
+        """The controller's greedy knobs for one request, its answer, the profiled latency, and the
+        static choice beside it.
+
+        Give a per-request ``budget_ms`` (the lookup table's choice at the same budget is the
+        comparison), or ``price`` with ``budget_ms=None``: the average-latency mode, no
+        budget, the latency price lambda (compared with :meth:`static_choice`).
+        """
+        mode = self.check_mode(mode)
+        if price is not None:
+            if budget_ms is not None:
+                raise ValueError("give either budget_ms (a per-request budget) or price (the average-latency mode), not both")
+            return self._run([self.sample(which)], [math.inf], mode, [self.check_price(price, mode)])[0]
+        return self._run([self.sample(which)], [self.check_budget(budget_ms)], mode)[0]
+
+    def mean_latency_at_price(self, price: float, mode: str = "B", samples: Sequence[VQASample] | None = None) -> float:
+        """The mode's controller's mean latency (table medians) over ``samples`` (default: the
+        explorer's requests) at ``price``, in the average-latency mode."""
+        from .plane import controller_choices
+
+        price = self.check_price(price, mode)
+        samples = list(self.samples if samples is None else samples)
+        inf = torch.full((len(samples),), math.inf, dtype=torch.float64)
+        prices = torch.full((len(samples),), price, dtype=torch.float64)
+        knobs = controller_choices(self.vlm, self.controllers[mode], samples, self.table, inf, prices, self.guard_quantile(mode))
+        return float(self.table.latencies(knobs).mean())
+
+    def price_for_target(
+        self, target_ms: float, mode: str = "B", samples: Sequence[VQASample] | None = None, iterations: int = 12
+    ) -> float:
+        """The latency price at which the controller's mean latency over ``samples`` (default: the
+        explorer's requests) meets ``target_ms`` (bisection, ``knoblib.plane.find_price``)."""
+        from .plane import find_price
+
+        target = self.check_budget(target_ms)
+        max_price = self.max_price(self.check_mode(mode))
+        self.check_price(0.0, mode)  # refuses a controller without a price input
+        return find_price(lambda p: self.mean_latency_at_price(p, mode, samples), target, max_price, iterations=iterations)
+
+    def guard_quantile(self, mode: str) -> float | None:
+        guard = self.guards.get(mode)
+        return None if guard is None else guard.quantile
 
     def explain_many(self, which: Sequence[int | VQASample], budget_ms: float, mode: str = "B") -> list[ExplorerResult]:
         """``explain`` for several requests at one budget, as one batch."""
@@ -309,6 +411,15 @@ class BudgetExplorer:
             raise ValueError("budgets_ms is empty: give at least one budget")
         return self._run([sample] * len(budgets), budgets, self.check_mode(mode))
 
+    def price_response(self, which: int | VQASample, prices: Sequence[float], mode: str = "B") -> list[ExplorerResult]:
+        """``explain`` for one request at several latency prices (average-latency mode), as one batch."""
+        sample = self.sample(which)
+        mode = self.check_mode(mode)
+        checked = [self.check_price(p, mode) for p in prices]
+        if not checked:
+            raise ValueError("prices is empty: give at least one price")
+        return self._run([sample] * len(checked), [math.inf] * len(checked), mode, checked)
+
     def knobs_change(self, which: int | VQASample, mode: str = "B") -> bool:
         """Whether the chosen knobs differ between the lowest and the highest budget."""
         low, high = self.budget_response(which, list(self.budget_range), mode)
@@ -323,10 +434,13 @@ class BudgetExplorer:
         return sample
 
     @torch.no_grad()
-    def _run(self, samples: list[VQASample], budgets: list[float], mode: str) -> list[ExplorerResult]:
+    def _run(
+        self, samples: list[VQASample], budgets: list[float], mode: str, prices: list[float] | None = None
+    ) -> list[ExplorerResult]:
         from .grpo import run_controller
 
-        keys = [(_sample_key(s), b, mode) for s, b in zip(samples, budgets)]
+        prices = [None] * len(samples) if prices is None else list(prices)
+        keys = [(_sample_key(s), b, mode, p) for s, b, p in zip(samples, budgets, prices)]
         first_row: dict[tuple, int] = {}
         for i, key in enumerate(keys):
             if key not in self._cache:
@@ -335,17 +449,20 @@ class BudgetExplorer:
         if pending:
             rows = [samples[i] for i in pending]
             row_budgets = [budgets[i] for i in pending]
+            row_prices = [prices[i] for i in pending]
             images = [s.image() for s in rows]
             questions = [s.question for s in rows]
+            priced = self.max_price(mode) > 0
             run = run_controller(
                 self.vlm, self.controllers[mode], self.language, images, questions,
                 torch.tensor(row_budgets, dtype=torch.float64), self.table, MODES[mode], self.answer_tokens, greedy=True,
                 guard=self.guards[mode],
+                prices=torch.tensor([p or 0.0 for p in row_prices], dtype=torch.float64) if priced else None,
             )
-            table_knobs = [self.lookup.choose_one(b) for b in row_budgets]
+            table_knobs = [self.lookup.choose_one(b) if p is None else self.static_choice(p) for b, p in zip(row_budgets, row_prices)]
             table_answers = self.vlm.generate(images, questions, table_knobs, self.answer_tokens).answers
-            outcomes = zip(pending, rows, row_budgets, run.knobs, run.answers, table_knobs, table_answers)
-            for i, s, b, knobs, answer, tk, ta in outcomes:
+            outcomes = zip(pending, rows, row_budgets, run.knobs, run.answers, table_knobs, table_answers, row_prices)
+            for i, s, b, knobs, answer, tk, ta, price in outcomes:
                 self._cache[keys[i]] = ExplorerResult(
                     sample=s,
                     budget_ms=b,
@@ -360,6 +477,7 @@ class BudgetExplorer:
                     table_correct=ta == s.answer,
                     table_latency_ms=self.table.latency(tk),
                     table_val_accuracy=self._accuracy(tk),
+                    price=price,
                 )
         return [self._cache[key] for key in keys]
 
@@ -373,6 +491,8 @@ class BudgetExplorer:
         """A plain-text summary, one fact per line (``knobs:``, ``answer:``, ``latency:`` ...)."""
 
         def fit(latency: float) -> str:
+            if result.average_mode:
+                return f"{latency:.1f} ms (no per-request budget)"
             status = "VIOLATED" if latency > result.budget_ms else "within budget"
             return f"{latency:.1f} ms = {latency / result.budget_ms:.2f} x budget ({status})"
 
@@ -380,15 +500,21 @@ class BudgetExplorer:
             return "not measured" if acc is None else f"{100 * acc:.1f}%"
 
         s = result.sample
+        if result.average_mode:
+            condition = f"budget: none, average-latency mode at latency price {result.price:.2f} (mode {result.mode})"
+            static = "static choice at this price"
+        else:
+            condition = f"budget: {result.budget_ms:.1f} ms (mode {result.mode})"
+            static = "lookup table"
         return "\n".join(
             [
                 f"request: {s.uid} [{s.family}] {s.question}",
-                f"budget: {result.budget_ms:.1f} ms (mode {result.mode})",
+                condition,
                 result.knobs_line(),
                 result.answer_line(),
                 f"latency: {fit(result.latency_ms)}",
                 f"val accuracy of these knobs as a fixed configuration: {val(result.val_accuracy)}",
-                f"lookup table: {knobs_text(result.table_knobs)} | answer: "
+                f"{static}: {knobs_text(result.table_knobs)} | answer: "
                 f"{_answer_text(result.table_answer, result.table_correct, s.answer)} | "
                 f"latency: {fit(result.table_latency_ms)} | val accuracy {val(result.table_val_accuracy)}",
             ]
@@ -402,17 +528,18 @@ class BudgetExplorer:
         Returns a closed ``matplotlib.figure.Figure`` (not shown automatically): show it as
         a cell's last expression or ``display(fig)``; save it with ``fig.savefig``.
         """
+        static = "static" if result.average_mode else "lookup"
         if result.knobs == result.table_knobs:
-            choices = {f"Mode {result.mode} = lookup: {result.knobs.short()}": result.knobs}
+            choices = {f"Mode {result.mode} = {static}: {result.knobs.short()}": result.knobs}
         else:
             choices = {
                 f"Mode {result.mode}: {result.knobs.short()}": result.knobs,
-                f"lookup: {result.table_knobs.short()}": result.table_knobs,
+                f"{static}: {result.table_knobs.short()}": result.table_knobs,
             }
         s = result.sample
         fig = plot_budget_choice(
             self.config_accuracy, self.table, result.budget_ms, choices,
-            s.image(), s.question, result.answer, s.answer, result.latency_ms,
+            s.image(), s.question, result.answer, s.answer, result.latency_ms, price=result.price,
         )
         return _closed(fig)
 
@@ -449,9 +576,10 @@ def format_results(results: Sequence[ExplorerResult]) -> str:
     for r in results:
         mark = "" if r.correct else " x"
         table_mark = "" if r.table_correct else " x"
+        where = f"{r.budget_ms:>9.1f}" if not r.average_mode else f"{'λ=' + format(r.price, '.2f'):>9}"
         lines.append(
-            f"{r.budget_ms:>9.1f} {r.mode:>4} | {r.knobs.short():>14} {r.latency_ms:>8.1f} "
-            f"{'VIOLATED' if r.violated else 'fits':>8} {(r.answer or '<empty>') + mark:>12} | "
+            f"{where} {r.mode:>4} | {r.knobs.short():>14} {r.latency_ms:>8.1f} "
+            f"{'VIOLATED' if r.violated else ('fits' if not r.average_mode else '-'):>8} {(r.answer or '<empty>') + mark:>12} | "
             f"{r.table_knobs.short():>14} {r.table_latency_ms:>8.1f} {(r.table_answer or '<empty>') + table_mark:>12}"
         )
     lines.append("(x = wrong answer)")
@@ -470,16 +598,31 @@ def find_widget(root, css_class: str):
     return None
 
 
+def serving_condition(serve_by: str, budget_ms: float, price: float) -> dict:
+    """The keyword arguments of ``BudgetExplorer.explain`` for the UI's "serve by" choice:
+    ``{"budget_ms": budget_ms, "price": None}`` for a per-request budget, ``{"budget_ms": None,
+    "price": price}`` for the average-latency mode at a latency price."""
+    if serve_by == "budget":
+        return {"budget_ms": budget_ms, "price": None}
+    if serve_by == "price":
+        return {"budget_ms": None, "price": price}
+    raise ValueError(f"serve_by={serve_by!r} is invalid: allowed {list(SERVE_BY)}")
+
+
 def build_explorer_ui(
     explorer: BudgetExplorer,
     sample: int = 0,
     budget_ms: float | None = None,
     mode: str = "B",
     first_seed: int = 1000,
+    serve_by: str = "budget",
+    price: float = 0.0,
 ):
     """An ipywidgets UI over ``explorer``: request picker, "new sample" button, Stage-2 mode
-    toggle, budget slider (over ``explorer.budget_range``), and the knobs, answer,
-    details and figure of the current choice.
+    toggle, how the request is served (a per-request budget, or the average-latency mode at a
+    latency price), the budget slider (over ``explorer.budget_range``) and the price slider
+    (over [0, the controllers' largest ``max_price``]), and the knobs, answer, details and
+    figure of the current choice.
 
     Args:
         explorer: the ``BudgetExplorer``.
@@ -488,9 +631,12 @@ def build_explorer_ui(
         mode: the first mode (``A`` or ``B``).
         first_seed: the "new sample" button draws ``generate_split(1, seed)`` with
             seeds from here on.
+        serve_by: ``budget`` or ``price`` (``SERVE_BY``), what the UI starts with.
+        price: the first latency price.
 
     Returns an ``ipywidgets.VBox``; find its parts with ``find_widget(ui, CSS_CLASSES[...])``.
-    Errors in a callback are shown in the details area (they would otherwise vanish).
+    Errors in a callback are shown in the details area (they would otherwise vanish); so is a
+    price asked of a controller without a price input.
     """
     import ipywidgets as w
 
@@ -498,6 +644,10 @@ def build_explorer_ui(
     low, high = explorer.budget_range
     budget_ms = (low + high) / 2 if budget_ms is None else explorer.check_budget(budget_ms)
     explorer.check_mode(mode)
+    serving_condition(serve_by, budget_ms, price)
+    top_price = max((explorer.max_price(m) for m in explorer.modes), default=0.0)
+    if serve_by == "price":
+        explorer.check_price(price, mode)
 
     def sample_options():
         return [(f"{i}: [{s.family}] {s.question}", i) for i, s in enumerate(explorer.samples)]
@@ -513,10 +663,21 @@ def build_explorer_ui(
         description="budget (ms)", continuous_update=False, readout_format=".1f",
         layout=w.Layout(width="640px"), style={"description_width": "initial"},
     )
+    serve_toggle = w.ToggleButtons(
+        options=[("per-request budget", "budget"), ("latency price", "price")], value=serve_by,
+        style={"button_width": "150px"},
+        tooltips=["every request must fit the budget", "no budget: the stream's mean latency is steered by the price"],
+    )
+    price_slider = w.FloatSlider(
+        value=min(max(float(price), 0.0), top_price or 1.0), min=0.0, max=top_price or 1.0, step=(top_price or 1.0) / 100,
+        description="latency price λ", continuous_update=False, readout_format=".2f", disabled=top_price <= 0,
+        layout=w.Layout(width="640px"), style={"description_width": "initial"},
+    )
     knobs_label, answer_label, details = w.HTML(), w.HTML(), w.HTML()
     figure_out = w.Output()
     for widget, role in [
         (picker, "sample"), (new_button, "new_sample"), (mode_toggle, "mode"), (slider, "budget"),
+        (serve_toggle, "serve_by"), (price_slider, "price"),
         (knobs_label, "knobs"), (answer_label, "answer"), (details, "details"), (figure_out, "figure"),
     ]:
         widget.add_class(CSS_CLASSES[role])
@@ -526,7 +687,9 @@ def build_explorer_ui(
         if state["hold"]:
             return
         try:
-            result = explorer.explain(picker.value, slider.value, mode_toggle.value)
+            result = explorer.explain(
+                picker.value, mode=mode_toggle.value, **serving_condition(serve_toggle.value, slider.value, price_slider.value)
+            )
             lines = explorer.render(result).splitlines()
             png = base64.b64encode(figure_png(explorer.figure(result))).decode("ascii")
             color = "#1a7f37" if result.correct else "#b2182b"
@@ -567,13 +730,17 @@ def build_explorer_ui(
     picker.observe(refresh, names="value")
     mode_toggle.observe(refresh, names="value")
     slider.observe(refresh, names="value")
+    serve_toggle.observe(refresh, names="value")
+    price_slider.observe(refresh, names="value")
     new_button.on_click(add_sample)
     refresh()
     ui = w.VBox(
         [
             w.HBox([picker, new_button]),
             w.HBox([w.Label("Stage 2 input", layout=w.Layout(width="110px")), mode_toggle]),
+            w.HBox([w.Label("serve with", layout=w.Layout(width="110px")), serve_toggle]),
             slider,
+            price_slider,
             knobs_label,
             answer_label,
             details,

@@ -1,16 +1,20 @@
-"""Notebook 05 (joint training, Mode A vs Mode B, evaluation), executed in smoke mode through papermill."""
+"""Notebook 05 (training, and the shipped controllers on the plane), executed in smoke mode through papermill.
+
+Structural checks hold for any artifacts; the ``test_quality_*`` checks are what the shipped
+controllers and their evaluation must show (three seeds per controller, intervals).
+"""
 
 import pytest
+
+from knoblib.data import FAMILIES
 
 pytestmark = pytest.mark.notebook
 
 NOTEBOOK = "05_gpu_training"
-MODES = ("b", "a_resumable", "a_naive")
-POLICIES = ("controller_mode_b", "controller_mode_a", "lookup_table", "random_feasible", "full_model")
 
 
 def test_keeps_figures(figures):
-    assert figures >= 4  # live curves (x2), mode comparison, forward counts, sweep
+    assert figures >= 8  # pipeline, live curves x2, forwards, shipped curves, plane, vs baseline, families
 
 
 def test_device_and_resume(results):
@@ -20,47 +24,59 @@ def test_device_and_resume(results):
 
 
 def test_modes_count_forwards(results):
-    assert results["mode_b_forwards_per_request"] == 5  # G full forwards
-    assert results["mode_a_resumable_forwards_per_request"] == 5  # G forwards that pause at p
-    assert results["mode_a_naive_forwards_per_request"] == 10  # G partial + G full
-    for mode in MODES:
-        assert results[f"mode_{mode}_mean_step_s"] > 0
-        assert results[f"mode_{mode}_early_step_s"] > 0
-        assert results[f"mode_{mode}_final_reward"] > -10
+    assert results["forwards_per_request_B"] == 5  # G full forwards
+    assert results["forwards_per_request_A-resumable"] == 5  # G forwards that pause at p
+    assert results["forwards_per_request_A-naive"] == 10  # G partial + G full
+    for mode in ("B", "A-resumable", "A-naive"):
+        assert -10 < results[f"final_reward_{mode}"] < 10
 
 
-def test_live_sweep_structure(results):
-    assert results["live_sweep_budgets"] == 3 and results["live_sweep_samples"] == 20
-    for policy in POLICIES:
-        assert 0.0 <= results[f"live_mean_acc_{policy}"] <= 1.0
-        assert 0.0 <= results[f"live_max_violation_{policy}"] <= 1.0
-    # Every sweep budget is at least the fastest configuration's latency: the lookup table
-    # and the random feasible policy always find a configuration that fits.
-    assert results["live_max_violation_lookup_table"] == 0.0
-    assert results["live_max_violation_random_feasible"] == 0.0
-    beats, loses = results["live_budgets_controller_B_beats_lookup"], results["live_budgets_controller_B_loses_to_lookup"]
-    assert 0 <= beats + loses <= results["live_sweep_budgets"]
-    # The family oracle serves each family's best feasible configuration: never worse than the table.
-    assert results["oracle_gap_max"] >= results["oracle_gap_mean"] >= 0.0
-
-
-def test_quality_shipped_controller(results):
-    """What the real shipped artifacts must show (fails on untrained stand-ins)."""
-    assert results["live_mean_acc_full_model"] >= 0.5  # the trained VLM answers
-    # A trained controller does at least as well as picking a random configuration that fits.
-    assert results["live_mean_acc_controller_mode_b"] >= results["live_mean_acc_random_feasible"] - 0.05
-    # ... and stays close to the lookup table on average (within the smoke sweep's noise).
-    assert results["live_mean_acc_controller_mode_b"] >= results["live_mean_acc_lookup_table"] - 0.15
-    # It respects budgets: a violation costs more than any answer is worth.
-    assert results["live_max_violation_controller_mode_b"] <= 0.3
-
-
-def test_warm_start_clones_the_table(results):
+def test_warm_start_is_recorded(results):
     assert results["warm_start_steps"] == 5
-    # Behaviour cloning lowers the negative log-likelihood of the teacher's configuration.
-    assert results["warm_start_nll_last"] < results["warm_start_nll_first"]
-    assert 0.0 <= results["warm_start_agree_with_teacher"] <= 1.0
-    assert 0.0 <= results["warm_start_teacher_departs_from_table"] <= 1.0
-    # Smoke mode clones for only a few steps, too few for the entropy bonus to separate the two.
-    for key in ("warm_start_teacher_prob", "warm_start_teacher_prob_without_entropy"):
-        assert 0.0 < results[key] <= 1.0
+    for key in ("warm_start_reward_first", "warm_start_reward_last"):
+        assert -3 < results[key] < 2
+
+
+def test_plane_comparisons_carry_intervals(results):
+    rows = results["versus_baseline"]
+    assert rows
+    for r in rows:
+        mean, low, high = r["accuracy_vs_baseline"]
+        assert low <= mean + 1e-9 and mean <= high + 1e-9
+        assert r["accuracy_verdict"] in ("better", "worse", "tie")
+        if r["kind"] == "budget":
+            assert r["latency_verdict"] in ("better", "worse", "tie")
+    for name, tally in results["verdict_tally"].items():
+        assert sum(tally["accuracy"].values()) == sum(1 for r in rows if r["policy"] == name)
+
+
+def test_family_choices_and_ceiling(results):
+    assert set(results["family_choices"]) == set(FAMILIES)
+    for per_budget in results["family_choices"].values():
+        assert all(k is None or k.count("/") == 3 for k in per_budget.values())
+    assert all(v is None or v > -5 for v in results["ceiling_captured"].values())
+
+
+def test_measured_rows_are_structured(results):
+    rows = results["measured"]
+    assert rows
+    for r in rows:
+        assert r["n"] >= 1 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["violation_rate"] <= 1.0
+        assert r["mean_latency_ms"] > 0 and r["table_mean_latency_ms"] > 0
+        # Read at the guard's p99, the table never breaks a budget the fastest configuration meets.
+        assert r["table_violation_rate"] == 0.0
+
+
+def test_quality_three_seeds_of_each_controller(results):
+    """The shipped controllers: Mode A, Mode B and budget-only Mode B, three training seeds each."""
+    seeds = results["plane_controllers"]
+    assert len(seeds) >= 3, seeds
+    assert all(n >= 3 for n in seeds.values()), seeds
+    assert any("budget-only" in name for name in seeds)
+    assert all(r["seeds"] >= 3 for r in results["versus_baseline"])
+
+
+def test_quality_controllers_never_lose_clearly_to_the_table_on_accuracy(results):
+    for r in results["versus_baseline"]:
+        if r["kind"] == "budget" and "budget-only" not in r["policy"]:
+            assert r["accuracy_vs_baseline"][2] > -0.05, r  # the interval's top: not clearly 5 points worse

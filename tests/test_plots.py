@@ -195,3 +195,64 @@ def test_plots_module_never_sets_a_backend():
     # Executed notebooks keep their figures only if nothing forces a non-inline backend.
     source = open(plots.__file__, encoding="utf-8").read()
     assert "matplotlib.use(" not in source
+
+
+def test_plot_pipeline_highlights_the_named_parts():
+    from matplotlib.colors import to_hex
+
+    def faces(fig):
+        return {p.get_gid(): to_hex(p.get_facecolor()) for p in fig.axes[0].patches if (p.get_gid() or "").startswith("pipeline-")}
+
+    plain = faces(plots.plot_pipeline())
+    assert set(plain) == {f"pipeline-{k}" for k in plots.PIPELINE_BOXES}
+    assert len(set(plain.values())) == 1  # nothing highlighted
+    one = faces(plots.plot_pipeline("stage2", title="Stage 2"))
+    assert one["pipeline-stage2"] == plots.PIPELINE_HIGHLIGHT
+    assert all(color != plots.PIPELINE_HIGHLIGHT for gid, color in one.items() if gid != "pipeline-stage2")
+    two = faces(plots.plot_pipeline(["reward", "grpo"]))
+    assert {gid for gid, c in two.items() if c == plots.PIPELINE_HIGHLIGHT} == {"pipeline-reward", "pipeline-grpo"}
+    with pytest.raises(ValueError, match="not a part of the pipeline"):
+        plots.plot_pipeline("controller")
+
+
+def _plane():
+    """A made-up plane: the lookup table, a static hull and one controller with intervals over 3 seeds."""
+    points = []
+    for x, acc in ((30.0, 0.6), (40.0, 0.9)):
+        points.append({"policy": "lookup table", "kind": "budget", "x": x, "accuracy": acc, "mean_latency_ms": x - 1,
+                       "violation_rate": 0.0})
+        points.append({"policy": "static hull (random mix)", "kind": "target", "x": x, "accuracy": acc,
+                       "mean_latency_ms": x, "violation_rate": 0.0})
+        for kind in ("budget", "target"):
+            points.append({
+                "policy": "controller (Mode B)", "kind": kind, "x": x, "accuracy": acc + 0.01, "mean_latency_ms": x - 3,
+                "violation_rate": 0.0, "seeds": 3, "accuracy_ci": [acc - 0.01, acc + 0.03],
+                "mean_latency_ms_ci": [x - 4, x - 2],
+                "accuracy_vs_baseline": [0.01, -0.005, 0.03] if x == 30.0 else [0.02, 0.01, 0.03],
+                "latency_saving_vs_baseline": [0.05, 0.04, 0.06] if kind == "budget" else None,
+            })
+    return {"points": points, "static": [[30.0, 0.6, "a"], [40.0, 0.9, "b"]], "hull": [[30.0, 0.6], [40.0, 0.9]]}
+
+
+def test_plot_plane_draws_intervals():
+    fig = plots.plot_plane(_plane())
+    assert isinstance(fig, Figure)
+    # The controller's error bars: one LineCollection per direction and panel.
+    assert sum(len(ax.collections) for ax in fig.axes) > sum(
+        len(ax.collections) for ax in plots.plot_plane(_plane(), errorbars=False).axes)
+
+
+def test_verdicts_follow_the_intervals():
+    assert plots.verdict([0.02, 0.01, 0.03]) == "better"
+    assert plots.verdict([-0.02, -0.03, -0.01]) == "worse"
+    assert plots.verdict([0.01, -0.005, 0.03]) == "tie"
+    rows = plots.versus_baseline(_plane())
+    assert len(rows) == 4 and {r["baseline"] for r in rows} == {"lookup table", "static hull (random mix)"}
+    by = {(r["kind"], r["x"]): r for r in rows}
+    assert by["budget", 30.0]["accuracy_verdict"] == "tie" and by["budget", 40.0]["accuracy_verdict"] == "better"
+    assert by["budget", 30.0]["latency_verdict"] == "better" and by["target", 30.0]["latency_verdict"] is None
+    text = plots.format_versus_baseline(rows)
+    assert "tie" in text and "better" in text and "3" in text
+    assert isinstance(plots.plot_versus_baseline(_plane()), Figure)
+    with pytest.raises(ValueError, match="accuracy_vs_baseline"):
+        plots.plot_versus_baseline({"points": [p for p in _plane()["points"] if p["policy"] == "lookup table"]})

@@ -239,3 +239,103 @@ def test_a_vqa_sample_is_accepted_wherever_an_index_is(explorer):
     sample = explorer.samples[3]
     assert isinstance(sample, VQASample)
     assert explorer.explain(sample, 70.0) == explorer.explain(3, 70.0)
+
+
+# --- the average-latency mode: a latency price instead of a budget ---------------------------
+@pytest.fixture(scope="module")
+def priced(explorer):
+    """The explorer's pieces with an (untrained, seeded) Mode-B controller that reads a latency price."""
+    from knoblib.controller import ControllerConfig, TwoStageController
+
+    config = ControllerConfig.for_vlm(explorer.vlm, explorer.controllers["B"].config.budget_range, mode="B", seed=0,
+                                      budget_guard=True, max_price=8.0)
+    return BudgetExplorer(explorer.vlm, {"B": TwoStageController(config)}, explorer.table, explorer.config_accuracy,
+                          explorer.samples[:6])
+
+
+def test_serving_condition_maps_the_ui_choice_to_explain_arguments():
+    from knoblib.widgets import SERVE_BY, serving_condition
+
+    assert SERVE_BY == ("budget", "price")
+    assert serving_condition("budget", 40.0, 2.0) == {"budget_ms": 40.0, "price": None}
+    assert serving_condition("price", 40.0, 2.0) == {"budget_ms": None, "price": 2.0}
+    with pytest.raises(ValueError, match="serve_by='mean'"):
+        serving_condition("mean", 40.0, 2.0)
+
+
+def test_explain_at_a_price_serves_without_a_budget(priced):
+    result = priced.explain(0, None, "B", price=2.0)
+    assert result.average_mode and result.price == 2.0 and math.isinf(result.budget_ms)
+    assert not result.violated and result.latency_over_budget == 0.0
+    assert result.latency_ms == priced.table.latency(result.knobs)
+    # The static comparison at a price: the best accuracy minus the price's share of the latency.
+    ref = priced.table.reference_ms
+    best = max(priced.config_accuracy, key=lambda k: (priced.config_accuracy[k]["all"] - 2.0 * priced.table.latency(k) / ref,
+                                                      -priced.table.latency(k)))
+    assert result.table_knobs == best == priced.static_choice(2.0)
+    text = priced.render(result)
+    assert "latency price 2.00" in text and "static choice at this price: " in text
+    assert parse_knobs(text) == result.knobs
+    assert result.as_dict()["budget_ms"] is None and result.as_dict()["price"] == 2.0
+    fig = priced.figure(result)
+    assert "latency price 2.00" in fig.axes[0].get_title()
+
+
+def test_a_higher_price_never_makes_the_static_choice_slower(priced):
+    latencies = [priced.table.latency(priced.static_choice(p)) for p in (0.0, 0.5, 2.0, 8.0)]
+    assert latencies == sorted(latencies, reverse=True)
+    results = priced.price_response(1, [0.0, 8.0], "B")
+    assert [r.price for r in results] == [0.0, 8.0]
+    with pytest.raises(ValueError, match="prices is empty"):
+        priced.price_response(1, [], "B")
+
+
+@pytest.mark.parametrize("price", [float("nan"), float("inf"), -1.0, "2", True])
+def test_bad_price_raises_value_error_naming_it(priced, price):
+    with pytest.raises(ValueError, match="price="):
+        priced.explain(0, None, "B", price=price)
+
+
+def test_price_needs_a_controller_with_a_price_input(priced, explorer):
+    with pytest.raises(ValueError, match="either budget_ms"):
+        priced.explain(0, 40.0, "B", price=1.0)
+    unpriced = [m for m in explorer.modes if explorer.max_price(m) == 0]
+    for mode in unpriced:  # the shipped controllers, where they have no price input
+        with pytest.raises(ValueError, match="no latency-price input"):
+            explorer.explain(0, None, mode, price=1.0)
+
+
+def test_price_for_target_meets_the_target_on_the_requests(priced):
+    low = priced.mean_latency_at_price(priced.max_price("B"), "B")
+    high = priced.mean_latency_at_price(0.0, "B")
+    assert low <= high + 1e-9  # a dearer millisecond buys fewer of them
+    target = (low + high) / 2
+    price = priced.price_for_target(target, "B")
+    assert 0.0 <= price <= priced.max_price("B")
+    if low < target < high:
+        assert priced.mean_latency_at_price(price, "B") <= target + 1e-6
+
+
+def test_ui_switches_between_budget_and_price(priced):
+    ui = build_explorer_ui(priced, sample=0, mode="B")
+    serve_by, price, details, knobs = (find_widget(ui, CSS_CLASSES[k]) for k in ("serve_by", "price", "details", "knobs"))
+    assert serve_by is not None and price is not None and not price.disabled
+    assert (price.min, price.max) == (0.0, 8.0)
+    assert "budget: " in details.value and "latency price" not in details.value
+    price.value = 4.0
+    serve_by.value = "price"
+    assert "latency price 4.00" in details.value
+    assert f"knobs: {knobs_text(priced.explain(0, None, 'B', price=4.0).knobs)}" in knobs.value
+    serve_by.value = "budget"
+    assert "latency price" not in details.value
+
+
+def test_ui_reports_a_price_for_a_controller_without_one(explorer):
+    unpriced = [m for m in explorer.modes if explorer.max_price(m) == 0]
+    if not unpriced:
+        pytest.skip("every shipped controller reads a price")
+    ui = build_explorer_ui(explorer, sample=0, mode=unpriced[0])
+    find_widget(ui, CSS_CLASSES["serve_by"]).value = "price"
+    assert "no latency-price input" in find_widget(ui, CSS_CLASSES["details"]).value
+    with pytest.raises(ValueError, match="no latency-price input"):
+        build_explorer_ui(explorer, sample=0, mode=unpriced[0], serve_by="price", price=1.0)
