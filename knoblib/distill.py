@@ -13,6 +13,8 @@ Two of the original system's ideas for when Mode B loses to Mode A:
   - *before GRPO* (:func:`distill`): on training requests at fresh budgets and prices,
     the states drawn from the teacher's Stage 1, the teacher's latency tokens from a
     partial forward (vision + blocks [0, p)), as many steps as ``distill_steps``;
+  - a teacher without a price input (``max_price`` 0) is distilled on per-request
+    budgets only; a student trained with prices learns those from GRPO alone;
   - *alongside GRPO* (:func:`auxiliary_losses`, weight ``distill_coef``): at the
     rollouts' own states. The rollouts' batched generate is given the teacher's probe,
     so it returns each row's latency token at its p: no extra forward.
@@ -158,12 +160,18 @@ def check_teacher(teacher: TwoStageController | None, student: TwoStageControlle
         raise ValueError(f"the teacher must be a Mode-A controller (it reads the latency token), got Mode {teacher.mode}")
     if teacher.knob_space != student.knob_space:
         raise ValueError(f"teacher knob space {teacher.knob_space} differs from the student's {student.knob_space}")
-    for name in ("lang_dim", "latency_dim", "max_price"):
+    for name in ("lang_dim", "latency_dim"):
         if getattr(teacher.config, name) != getattr(student.config, name):
             raise ValueError(
                 f"teacher {name}={getattr(teacher.config, name)} differs from the student's {getattr(student.config, name)}: "
-                "both must read the same requests (the same VLM and, for prices, the same price range)"
+                "both must read the same requests (the same VLM)"
             )
+    priced = teacher.config.max_price > 0 and student.config.max_price > 0
+    if priced and teacher.config.max_price != student.config.max_price:
+        raise ValueError(
+            f"teacher max_price={teacher.config.max_price} differs from the student's {student.config.max_price}: "
+            "a price means something else to each"
+        )
 
 
 def teacher_and_student(trainer) -> tuple[TwoStageController, TwoStageController]:
@@ -178,6 +186,15 @@ def teacher_and_student(trainer) -> tuple[TwoStageController, TwoStageController
 
 def _price(controller: TwoStageController, prices: torch.Tensor) -> torch.Tensor | None:
     return prices if controller.config.max_price > 0 else None
+
+
+def readable(teacher: TwoStageController, prices: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the requests the teacher can read. A teacher without a price input (``max_price``
+    0) reads per-request budgets only, so requests served at a latency price (price > 0, no
+    budget) are not distilled; GRPO alone trains the student on them."""
+    if teacher.config.max_price > 0:
+        return torch.ones(prices.shape[0], dtype=torch.bool)
+    return prices.cpu() == 0
 
 
 # --- before GRPO ---------------------------------------------------------------------------------
@@ -219,6 +236,12 @@ def distill(trainer, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: i
         rows = rng.sample(trainer.train_samples, min(batch_size, len(trainer.train_samples)))
         n = len(rows)
         budgets, prices = trainer.request_conditions(n, generator)
+        if not bool(readable(teacher, prices).all()):
+            # A teacher without a price input reads budgets only: those requests get one.
+            budgets = trainer.budgets.low + torch.rand(n, generator=generator, dtype=torch.float64) * (
+                trainer.budgets.high - trainer.budgets.low
+            )
+            prices = torch.zeros(n, dtype=torch.float64)
         ratio = trainer.table.relative(budgets)
         mask = trainer.guard.mask(budgets) if trainer.guard is not None else None
         questions = [s.question for s in rows]
@@ -286,6 +309,8 @@ def auxiliary_losses(trainer, ro, advantages: torch.Tensor, mask: torch.Tensor):
         teacher_stage1 = None if hybrid else stage1_log_probs(teacher, ro.lang_feat, teacher_feat, ro.mask)
         old = taken(teacher_stage2, decisions)
     advantages, mask = advantages.to(device), mask.to(device)
+    # The rows whose request the teacher can read (all, unless it has no price input).
+    rows = readable(teacher, ro.prices).to(device)
 
     def loss_fn(budget_feat: torch.Tensor) -> tuple[torch.Tensor, dict]:
         student_stage2 = stage2_log_probs(
@@ -294,7 +319,7 @@ def auxiliary_losses(trainer, ro, advantages: torch.Tensor, mask: torch.Tensor):
         kl = kl_divergence(teacher_stage2, student_stage2)
         if teacher_stage1 is not None:
             kl = kl + kl_divergence(teacher_stage1, stage1_log_probs(student, ro.lang_feat, budget_feat, ro.mask))
-        kl = kl.mean()
+        kl = (kl * rows).sum() / rows.sum().clamp(min=1)
         loss = cfg.distill_coef * kl
         stats = {"distill_kl": float(kl.detach())}
         if hybrid:

@@ -407,8 +407,9 @@ def test_check_teacher_refuses_what_cannot_teach():
         check_teacher(None, student, cfg)
     with pytest.raises(ValueError, match="Mode-A controller"):
         check_teacher(make_controller("B", max_price=2.0), student, cfg)
-    with pytest.raises(ValueError, match="max_price=0.0 differs"):
-        check_teacher(make_controller("A"), student, cfg)
+    with pytest.raises(ValueError, match="max_price=3.0 differs"):
+        check_teacher(make_controller("A", max_price=3.0), student, cfg)
+    check_teacher(make_controller("A"), student, cfg)  # a teacher without prices teaches per-request budgets only
     with pytest.raises(ValueError, match="does not distil"):
         check_teacher(make_controller("A", max_price=2.0), student, GRPOConfig(max_price=2.0))
     check_teacher(make_controller("A", max_price=2.0), student, cfg)
@@ -689,3 +690,30 @@ def test_the_command_line_sets_each_option():
         with_options(GRPOConfig(mode="B"), build_parser().parse_args(["train", "--distill-steps", "5"]))
     args = build_parser().parse_args(["evaluate", "--variants", "--timing-steps", "0", "--serving-requests", "3"])
     assert args.variants and args.timing_steps == 0 and args.serving_requests == 3
+
+
+def test_a_teacher_without_prices_is_distilled_on_per_request_budgets_only(tiny_vlm, table, pool):
+    teacher = make_trainer(tiny_vlm, table, pool, mode="A-resumable").controller  # max_price 0
+    set_heads(teacher.stage1, teacher.stage2, {"tier": [3.0, 0.0, -1.0], "top_k": [-2.0, 2.5, 0.0]})
+    trainer = make_trainer(
+        tiny_vlm, table, pool, teacher=teacher, distill_from="teacher", distill_coef=1.0, max_price=2.0,
+        average_fraction=0.5, batch_size=8,
+    )
+    samples, budgets, prices = trainer.next_batch()
+    assert bool((prices > 0).any()) and bool((prices == 0).any())
+    ro = trainer.rollout(samples, budgets, prices=prices)
+    n = len(ro.reward)
+    loss_fn = auxiliary_losses(trainer, ro, torch.zeros(n), torch.ones(n, dtype=torch.bool))
+    feat = trainer.controller.encode_budget(ro.budget_ratio, ro.prices)
+    _, stats = loss_fn(feat)
+    with torch.no_grad():
+        t_feat = teacher.encode_budget(ro.budget_ratio)
+        d = ro.decisions
+        kl = kl_divergence(
+            stage2_log_probs(teacher, d.tier, d.insertion_position, latency_token=ro.latency_tokens, mask=ro.mask),
+            stage2_log_probs(trainer.controller, d.tier, d.insertion_position, ro.lang_feat, feat, mask=ro.mask),
+        ) + kl_divergence(stage1_log_probs(teacher, ro.lang_feat, t_feat, ro.mask), stage1_log_probs(trainer.controller, ro.lang_feat, feat, ro.mask))
+    rows = ro.prices == 0
+    assert stats["distill_kl"] == pytest.approx(float(kl[rows].mean()), rel=1e-5)
+    assert abs(float(kl.mean()) - stats["distill_kl"]) > 1e-6  # the priced rows are left out
+    assert distill(trainer, 3, batch_size=8)[-1] >= 0
