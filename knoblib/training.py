@@ -275,16 +275,16 @@ def evaluate_command(args) -> None:
     quantile = getattr(args, "quantile", DEFAULT_QUANTILE)
     paths = args.controllers
     if paths is None:
-        paths = [data_path(n) for n in ("controller_A", "controller_B", "controller_B_budget_only") if data_path(n).is_dir()]
-        # The variants beyond Mode B (knoblib.variants), where shipped.
-        paths += [data_path(n) for n in ("controller_B_vision", "controller_B_distilled", "controller_hybrid") if data_path(n).is_dir()]
-    from .variants import load_controllers
-
-    # A hybrid controller appears twice: served as A and as B.
+        # The shipped controllers and their other training seeds (controller_B_seed1, ...).
+        paths = sorted(p for p in data_path().glob("controller_*") if (p / "config.json").is_file())
     policies = [
-        ControllerPolicy(controller, vlm, table=table, quantile=quantile)
-        for controller in load_controllers(paths, vlm.knob_space).values()
+        ControllerPolicy(TwoStageController.load(path, expected_space=vlm.knob_space), vlm, table=table, quantile=quantile)
+        for path in paths
     ]
+    # A hybrid controller (knoblib.variants) is served both ways: as A and as B.
+    from .variants import expand_hybrids
+
+    policies = expand_hybrids(policies)
     policies += [
         LookupTablePolicy(table, load_config_accuracy(data_path("config_accuracy_val.json")), quantile),
         RandomFeasiblePolicy(table, seed=0, quantile=quantile),

@@ -94,6 +94,25 @@ def load_controllers(paths, space=None) -> dict[str, TwoStageController]:
     return named
 
 
+def expand_hybrids(policies: list) -> list:
+    """The policies with each hybrid controller's ``ControllerPolicy`` replaced by two: served as A and as B."""
+    from .evaluate import ControllerPolicy
+    from .guard import DEFAULT_QUANTILE
+
+    expanded = []
+    for policy in policies:
+        controller = getattr(policy, "controller", None)
+        if isinstance(policy, ControllerPolicy) and controller.config.hybrid:
+            quantile = policy.guard.quantile if policy.guard is not None else DEFAULT_QUANTILE
+            expanded += [
+                ControllerPolicy(controller.served_as(mode), policy.vlm, table=policy.table, quantile=quantile)
+                for mode in ("A", "B")
+            ]
+        else:
+            expanded.append(policy)
+    return expanded
+
+
 # --- serving the vision-aware Mode B --------------------------------------------------------
 def vision_decide(policy, vlm, question: str, budget_ms: float, price: float, image: torch.Tensor):
     """A vision-aware Mode-B controller's greedy decision for one request: (tier, p, top_k, blocks) indices.
@@ -199,15 +218,19 @@ def training_step_times(vlm, table, controllers: dict, steps: int = 10, warmup: 
     return result
 
 
-def serving_overheads(vlm, table, controllers: dict, samples, budget_ms: float, warmup: int = 3, progress: bool = True) -> dict:
+def serving_overheads(
+    vlm, table, controllers: dict, samples, budget_ms: float, warmup: int = 3, repeats: int = 3, progress: bool = True
+) -> dict:
     """Per controller, what serving one request at batch 1 costs beyond the VLM's own work.
 
-    For each request (interleaved across controllers, in turn): the wall clock of
-    ``ControllerPolicy.serve_one`` and of a plain ``generate`` of the configuration it chose;
-    the overhead is their difference (decision, vision statistics, probe and pause). The
-    vision-aware Mode B is served twice: reusing the vision features in the generate, and
-    computing them twice. Returns name -> {"median_overhead_ms", "median_decision_ms",
-    "median_served_ms", "median_plain_ms"}; medians over the recorded requests.
+    For each request (interleaved across controllers, in turn), ``repeats`` times each and
+    alternating: the wall clock of ``ControllerPolicy.serve_one`` and of a plain
+    ``generate`` of the configuration it chose. The fastest of the repeats is kept on each
+    side (the least disturbed by other processes on a shared machine), and the overhead is
+    their difference (decision, vision statistics, probe and pause). The vision-aware Mode B
+    is served twice: reusing the vision features in the generate, and computing them twice.
+    Returns name -> {"median_overhead_ms", "median_decision_ms", "median_served_ms",
+    "median_plain_ms", "requests"}; medians over the recorded requests.
     """
     from tqdm.auto import tqdm
 
@@ -228,15 +251,18 @@ def serving_overheads(vlm, table, controllers: dict, samples, budget_ms: float, 
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             policy = policies[name]
-            policy.last_decision_ms = 0.0
-            start = time.perf_counter()
-            _, knobs = policy.serve_one(vlm, image, sample.question, budget_ms, answer_tokens)
-            served = time.perf_counter() - start
-            start = time.perf_counter()
-            vlm.generate([image], [sample.question], knobs, answer_tokens)
-            plain = time.perf_counter() - start
+            served, plain, decision = [], [], []
+            for _ in range(repeats):
+                policy.last_decision_ms = 0.0
+                start = time.perf_counter()
+                _, knobs = policy.serve_one(vlm, image, sample.question, budget_ms, answer_tokens)
+                served.append(time.perf_counter() - start)
+                decision.append(getattr(policy, "last_decision_ms", 0.0))
+                start = time.perf_counter()
+                vlm.generate([image], [sample.question], knobs, answer_tokens)
+                plain.append(time.perf_counter() - start)
             if i >= warmup:
-                records[name].append((served * 1000.0, plain * 1000.0, getattr(policy, "last_decision_ms", 0.0)))
+                records[name].append((min(served) * 1000.0, min(plain) * 1000.0, min(decision)))
     result = {}
     for name, rows in records.items():
         result[name] = {
@@ -345,9 +371,7 @@ def variants_command(args) -> None:
     from .outputs import check_output
 
     out = Path(args.out)
-    target = out / "variants.json"
-    if target.exists() and not args.overwrite:
-        check_output(target, args.overwrite, "--out")
+    target = check_output(out / "variants.json", args.overwrite, "--out")  # before any work
     vlm, table = load_assets(args.model, args.table)
     quantile = getattr(args, "quantile", DEFAULT_QUANTILE)
     controllers = load_controllers(args.controllers, vlm.knob_space)
@@ -377,7 +401,9 @@ def variants_command(args) -> None:
         **result,
     }
     out.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=1, default=_plain) + "\n")
+    staged = target.with_name(target.name + ".tmp")
+    staged.write_text(json.dumps(payload, indent=1, default=_plain) + "\n")
+    staged.replace(target)
     print(f"saved {target}")
 
 
