@@ -12,6 +12,10 @@ unexport MPLBACKEND
 
 .PHONY: install tutorial test test-fast benchmarks artifacts clean
 
+# The variants beyond Mode B (vision-aware B, distilled B, the hybrid) train with the shipped
+# Mode-B recipe where it applies; the distilled one starts from data/controller_A instead of a warm start.
+VARIANT_RECIPE = --max-price 8 --average-fraction 0.5 --saving-bonus 0.01 --kl-coef 0.05 --steps 500
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -47,7 +51,11 @@ artifacts: $(STAMP)
 	$(BIN)/python -m knoblib expert-ablation --out data/expert_ablation.json --overwrite
 	$(BIN)/python -m knoblib train --mode B --warm-start-steps 300 --warm-start-entropy 0.5 --warm-start-teacher family-table --kl-coef 0.05 --out runs/B --export data/controller_B --overwrite
 	$(BIN)/python -m knoblib train --mode A-resumable --out runs/A-resumable --export data/controller_A --overwrite
+	KNOBLIB_LATENCY_TABLE=shipped $(BIN)/python -m knoblib train --mode B --vision-stats $(VARIANT_RECIPE) --warm-start-teacher correctness --warm-start-steps 3000 --warm-start-entropy 0.01 --out runs/B_vision --export data/controller_B_vision --overwrite
+	KNOBLIB_LATENCY_TABLE=shipped $(BIN)/python -m knoblib train --mode B --distill-from data/controller_A --distill-steps 500 --distill-coef 0.1 $(VARIANT_RECIPE) --out runs/B_distilled --export data/controller_B_distilled --overwrite
+	KNOBLIB_LATENCY_TABLE=shipped $(BIN)/python -m knoblib train --mode B --hybrid --distill-steps 500 --distill-coef 0.1 $(VARIANT_RECIPE) --warm-start-teacher correctness --warm-start-steps 3000 --warm-start-entropy 0.01 --out runs/hybrid --export data/controller_hybrid --overwrite
 	$(BIN)/python -m knoblib evaluate --out data/eval --overwrite
+	$(BIN)/python -m knoblib evaluate --variants --table shipped --out data/eval --overwrite
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
