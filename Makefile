@@ -14,7 +14,7 @@ unexport MPLBACKEND
 
 # The variants beyond Mode B (vision-aware B, distilled B, the hybrid) train with the shipped
 # Mode-B recipe where it applies; the distilled one starts from data/controller_A instead of a warm start.
-VARIANT_RECIPE = --max-price 8 --average-fraction 0.5 --saving-bonus 0.01 --kl-coef 0.05 --steps 500
+VARIANT_RECIPE = --max-price 8 --average-fraction 0.5 --saving-bonus 0.01 --kl-coef 0.05 --steps 250
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

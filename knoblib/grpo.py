@@ -115,15 +115,17 @@ class GRPOConfig:
             ``family-table``: the most accurate configuration for the request's family
             (reads the synthetic data's family label: an analysis bound, not a teacher
             a user could compute).
+
+    The variants beyond Mode B (``knoblib.variants``; Mode B only):
         vision_stats: train the vision-aware Mode B (the controller's
             ``config.vision_stats``): Stage 2 also reads statistics of the vision features
-            at the tier Stage 1 chose (``knoblib.vision_features``). Mode B only.
+            at the tier Stage 1 chose (``knoblib.vision_features``).
         hybrid: train a hybrid controller (the controller's ``config.hybrid``): its Mode-B
             head and Stage 1 by GRPO on batched Mode-B rollouts, its Mode-A head from the
             same rollouts (their generate also returns each row's latency token at its p),
             by the clipped surrogate with importance ratio pi_A / pi_B
             (``hybrid_grpo_coef``) and by distillation from the B head (``distill_coef``,
-            ``distill_steps``). Mode B only.
+            ``distill_steps``).
         hybrid_grpo_coef: weight of the hybrid's A-head surrogate (0: the A head learns by
             distillation alone).
         distill_from: the folder of a trained Mode-A teacher whose distributions a Mode-B
