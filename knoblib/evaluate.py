@@ -192,7 +192,7 @@ class FamilyTablePolicy(StaticPolicy):
         knobs = [self.choose_one(s.family, b) for b, s in zip(budgets.tolist(), samples)]
         return knobs, vlm.generate(images, [s.question for s in samples], knobs).answers
 
-    def serve_one(self, vlm, image, question, budget_ms, answer_tokens):
+    def serve_one(self, vlm, image, question, budget_ms, answer_tokens, price: float = 0.0):
         raise ValueError("the family table reads the data's family label, which a served request does not have")
 
 
@@ -229,9 +229,9 @@ class FullModelPolicy(StaticPolicy):
         self.space = vlm.knob_space
         return super().choose(vlm, samples, images, budgets)
 
-    def serve_one(self, vlm, image, question, budget_ms, answer_tokens):
+    def serve_one(self, vlm, image, question, budget_ms, answer_tokens, price: float = 0.0):
         self.space = vlm.knob_space
-        return super().serve_one(vlm, image, question, budget_ms, answer_tokens)
+        return super().serve_one(vlm, image, question, budget_ms, answer_tokens, price)
 
 
 class ControllerPolicy:
@@ -266,6 +266,9 @@ class ControllerPolicy:
     def choose(self, vlm, samples, images, budgets):
         from .grpo import run_controller
 
+        # A served request's budget is a number of milliseconds (the average-latency mode,
+        # inf with a price, goes through knoblib.plane and knoblib.serving).
+        budgets = check_budgets(budgets)
         run = run_controller(
             vlm, self.controller, self.language, images, [s.question for s in samples], budgets, self.table,
             self.mode, 3, greedy=True, guard=self.guard,

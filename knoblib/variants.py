@@ -77,9 +77,9 @@ def controller_name(controller: TwoStageController) -> str:
     return f"{prefix} ({controller_kind(controller)})"
 
 
-def load_controllers(paths, space=None) -> dict[str, TwoStageController]:
+def load_controllers(paths, space=None, sources: dict | None = None) -> dict[str, TwoStageController]:
     """name -> controller for each folder (default: the shipped ones that exist); a hybrid appears twice,
-    served as A and as B (views sharing its weights)."""
+    served as A and as B (views sharing its weights). ``sources``, if given, receives name -> folder."""
     if paths is None:
         paths = [data_path(name) for name in SHIPPED if data_path(name).is_dir()]
     named: dict[str, TwoStageController] = {}
@@ -91,7 +91,16 @@ def load_controllers(paths, space=None) -> dict[str, TwoStageController]:
             if name in named:
                 name = f"{name} [{Path(path).name}]"
             named[name] = view
+            if sources is not None:
+                sources[name] = Path(path)
     return named
+
+
+def fingerprint(folder: Path) -> str:
+    """The first 12 hex digits of the sha256 of a controller folder's weights (which file a number came from)."""
+    import hashlib
+
+    return hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()[:12]
 
 
 def expand_hybrids(policies: list) -> list:
@@ -374,7 +383,8 @@ def variants_command(args) -> None:
     target = check_output(out / "variants.json", args.overwrite, "--out")  # before any work
     vlm, table = load_assets(args.model, args.table)
     quantile = getattr(args, "quantile", DEFAULT_QUANTILE)
-    controllers = load_controllers(args.controllers, vlm.knob_space)
+    sources: dict = {}
+    controllers = load_controllers(args.controllers, vlm.knob_space, sources)
     val = Correctness.load(data_path("correctness_val.safetensors"))
     test = Correctness.load(data_path(f"correctness_{args.split}.safetensors"))
     by_uid = {s.uid: s for s in load_samples("val")}
@@ -398,6 +408,7 @@ def variants_command(args) -> None:
         "machine": {**{k: machine_info().get(k) for k in ("cpu_model", "cpu_count", "torch", "torch_num_threads")},
                     "load_avg": round(__import__("os").getloadavg()[0], 2)},
         "seconds": time.perf_counter() - start,
+        "controllers": {name: {"folder": _shown(path), "weights_sha256": fingerprint(path)} for name, path in sources.items()},
         **result,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -405,6 +416,14 @@ def variants_command(args) -> None:
     staged.write_text(json.dumps(payload, indent=1, default=_plain) + "\n")
     staged.replace(target)
     print(f"saved {target}")
+
+
+def _shown(path: Path) -> str:
+    """A folder as the repository names it (data/controller_A), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(data_path().parent.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _plain(value):
