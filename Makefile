@@ -60,8 +60,12 @@ artifacts: $(STAMP)
 	  $(TRAIN_B) --seed $$seed --no-question --out runs/B_budget_only_seed$$seed --export data/controller_B_budget_only$$suffix; \
 	  $(TRAIN_A) --seed $$seed --out runs/A_seed$$seed --export data/controller_A$$suffix; \
 	done
+	$(TRAIN_B) --vision-stats --out runs/B_vision --export data/controller_B_vision
+	$(ARTIFACT_ENV) $(BIN)/python -m knoblib train --mode B $(PRICE) --distill-from data/controller_A --distill-steps 500 --distill-coef 0.1 --kl-coef 0.05 --steps 250 --out runs/B_distilled --export data/controller_B_distilled --overwrite
+	$(TRAIN_B) --hybrid --distill-steps 500 --distill-coef 0.1 --out runs/hybrid --export data/controller_hybrid
 	$(ARTIFACT_ENV) $(BIN)/python -m knoblib evaluate --out data/eval --overwrite
 	$(ARTIFACT_ENV) $(BIN)/python -m knoblib evaluate --measured --out data/eval --overwrite
+	$(ARTIFACT_ENV) $(BIN)/python -m knoblib evaluate --variants --out data/eval --overwrite
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -265,6 +265,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    if args.variants:
+        from .variants import variants_command
+
+        return variants_command(args)
     from .training import evaluate_command
 
     evaluate_command(args)
@@ -486,6 +490,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="the budget-only ablation: the controller does not see the question",
     )
     p.add_argument(
+        "--vision-stats",
+        dest="vision_stats",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Mode B: Stage 2 also reads statistics of the vision features at the tier Stage 1 chose",
+    )
+    p.add_argument(
+        "--hybrid",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Mode B: a hybrid controller with a Mode-A head beside the Mode-B one, trained from the same rollouts",
+    )
+    p.add_argument(
+        "--hybrid-grpo-coef",
+        type=NON_NEGATIVE_FLOAT,
+        default=None,
+        help="weight of the hybrid A head's clipped surrogate on the B head's rollouts (default: GRPOConfig's 1.0)",
+    )
+    p.add_argument(
+        "--distill-from",
+        default=None,
+        metavar="DIR",
+        help="Mode B: a trained Mode-A controller whose policy the student learns to match (needs --distill-steps "
+        "and/or --distill-coef)",
+    )
+    p.add_argument(
+        "--distill-steps",
+        type=NON_NEGATIVE_INT,
+        default=None,
+        help="distillation steps before GRPO (after the warm start): from --distill-from, or a hybrid's B head into its A head",
+    )
+    p.add_argument(
+        "--distill-coef",
+        type=NON_NEGATIVE_FLOAT,
+        default=None,
+        help="weight of the distillation KL alongside GRPO, at the rollouts' states (no extra forward)",
+    )
+    p.add_argument(
         "--export",
         default=None,
         help="copy the best controller here when done: a new folder, or an earlier export (with --overwrite)",
@@ -526,6 +570,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quantile", type=FRACTION, default=DEFAULT_QUANTILE, help="latency quantile the budget guard holds configurations to"
+    )
+    p.add_argument(
+        "--variants",
+        action="store_true",
+        help="compare every controller variant (Mode A, Mode B, vision-aware B, distilled B, the hybrid served each way) "
+        "on the plane, with training time per step and serving overhead per request: writes variants.json",
+    )
+    p.add_argument(
+        "--timing-steps", type=NON_NEGATIVE_INT, default=10, help="with --variants: timed GRPO steps per variant (0: none)"
+    )
+    p.add_argument(
+        "--serving-requests", type=NON_NEGATIVE_INT, default=40,
+        help="with --variants: requests served one at a time per variant to time the serving overhead (0: none)",
     )
     p.add_argument(
         "--out", default=str(runs_path("eval")), help="folder for plane.json and plane.png, or measured.json (default: runs/eval)"

@@ -183,6 +183,8 @@ class Knob2Knob3Predictor(nn.Module):
         top_k_options: the top_k values, one logit each.
         block_options: p -> the ``num_active_blocks`` totals allowed for p, for p = 1..P.
         hidden_act: the MLP activation (``ACTIVATIONS``).
+        vision_dim: Mode B only: width of ``vision_feat``, statistics of the vision features
+            at the chosen tier (``knoblib.vision_features``); 0 (the default) = none.
     """
 
     def __init__(
@@ -197,14 +199,20 @@ class Knob2Knob3Predictor(nn.Module):
         top_k_options: Sequence[int],
         block_options: dict[int, Sequence[int]],
         hidden_act: str = "gelu_tanh",
+        vision_dim: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(vision_dim, bool) or not isinstance(vision_dim, int) or vision_dim < 0:
+            raise ValueError(f"vision_dim={vision_dim!r} is invalid: must be an int >= 0 (0 = no vision statistics)")
+        if vision_dim and not use_optimized_mode:
+            raise ValueError(f"vision_dim={vision_dim} needs Mode B: Mode A sees the image through the latency token")
         if sorted(block_options) != list(range(1, max_insertion_position + 1)):
             raise ValueError(
                 f"block_options has keys {sorted(block_options)}: expected p = 1..{max_insertion_position}"
             )
         self.use_optimized_mode = bool(use_optimized_mode)
         self.lang_dim, self.budget_dim, self.latency_dim = lang_dim, budget_dim, latency_dim
+        self.vision_dim = vision_dim
         self.max_insertion_position = max_insertion_position
         self.top_k_options = tuple(int(k) for k in top_k_options)
         self.block_options = {int(p): tuple(int(n) for n in opts) for p, opts in block_options.items()}
@@ -226,6 +234,10 @@ class Knob2Knob3Predictor(nn.Module):
             self.latency_norm = nn.LayerNorm(latency_dim)
             self.latency_token_proj = nn.Linear(latency_dim, hidden_dim)
             fused_inputs = 2
+        if vision_dim:
+            # Statistics of image features have their own scale: normalised first, like the question's.
+            self.vision_proj = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, hidden_dim))
+            fused_inputs += 1
         self.fusion = nn.Sequential(
             activation(hidden_act),
             nn.Linear(fused_inputs * hidden_dim, hidden_dim),
@@ -277,6 +289,7 @@ class Knob2Knob3Predictor(nn.Module):
         lang_feat: torch.Tensor | None = None,
         budget_feat: torch.Tensor | None = None,
         latency_token: torch.Tensor | None = None,
+        vision_feat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (top_k logits (N, K), block logits (N, NB) with disallowed totals at -inf).
 
@@ -285,6 +298,7 @@ class Knob2Knob3Predictor(nn.Module):
             lang_feat: (N, lang_dim), Mode B only.
             budget_feat: (N, budget_dim), Mode B only.
             latency_token: (N, latency_dim), Mode A only.
+            vision_feat: (N, vision_dim), Mode B with ``vision_dim > 0`` only.
         """
         p = self._check_positions(insertion_position)
         n = p.shape[0]
@@ -305,7 +319,19 @@ class Knob2Knob3Predictor(nn.Module):
                 apply(self.budget_proj, _like(budget_feat, weight)),
                 self.insertion_embedding.weight[p - 1],
             ]
+            if self.vision_dim:
+                if vision_feat is None:
+                    raise ValueError(
+                        f"this Stage 2 reads vision statistics: pass vision_feat ({n}, {self.vision_dim}) of the chosen tier"
+                    )
+                vision_feat = _check_features("vision_feat", vision_feat, self.vision_dim, n)
+                # Last, after the p embedding: the fused layer's first columns stay those of plain Mode B.
+                parts.append(apply(self.vision_proj, _like(vision_feat, weight)))
+            elif vision_feat is not None:
+                raise ValueError("this Stage 2 has no vision input (vision_dim=0): do not pass vision_feat")
         else:
+            if vision_feat is not None:
+                raise ValueError("Mode A (use_optimized_mode=False) sees the image through the latency token: do not pass vision_feat")
             if lang_feat is not None or budget_feat is not None:
                 raise ValueError(
                     "Mode A (use_optimized_mode=False) uses only latency_token (+ the p embedding): "
@@ -459,6 +485,15 @@ class ControllerConfig(PretrainedConfig):
             budgets only.
         use_question: False makes the budget-only ablation: the stages see zeros instead
             of ``lang_feat``, so they can condition on the budget and price alone.
+        vision_stats: Mode B only: Stage 2 also reads ``vision_feat``, the mean and std over
+            the image tokens of the projector output at the tier Stage 1 chose
+            (``knoblib.vision_features``; width 2 x ``lang_dim``). The vision tower runs
+            before the language model anyway, so no language-model block runs first.
+        hybrid: Mode B only: the controller also holds a Mode-A Stage 2 (``stage2_a``,
+            reading the latency token) beside its Mode-B one (``stage2``), with one Stage 1.
+            It serves either way, chosen per call (``served_as``).
+        distilled_from: recorded only (it changes nothing the controller computes): the
+            Mode-A teacher it was distilled from (``GRPOConfig.distill_from``), or "".
     """
 
     model_type = "knoblib_controller"
@@ -477,6 +512,9 @@ class ControllerConfig(PretrainedConfig):
     hidden_act: str = "gelu_tanh"
     max_price: float = 0.0
     use_question: bool = True
+    vision_stats: bool = False
+    hybrid: bool = False
+    distilled_from: str = ""
 
     def __post_init__(self, **kwargs) -> None:
         if "budget_range_ms" in kwargs:
@@ -496,6 +534,15 @@ class ControllerConfig(PretrainedConfig):
         self.max_price = float(self.max_price)
         if not isinstance(self.use_question, bool):
             raise ValueError(f"use_question={self.use_question!r} is invalid: must be True or False")
+        for name in ("vision_stats", "hybrid"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be True or False")
+            if getattr(self, name) and self.mode != "B":
+                raise ValueError(f"{name}=True needs mode 'B' (got mode={self.mode!r}): it extends the Mode-B Stage 2")
+        if self.vision_stats and self.hybrid:
+            raise ValueError("vision_stats=True and hybrid=True are separate variants: choose one")
+        if not isinstance(self.distilled_from, str):
+            raise ValueError(f"distilled_from={self.distilled_from!r} is invalid: a teacher folder (str) or ''")
         if self.knob_space is None:
             self.knob_space = KnobSpace.for_model().as_dict()
         elif isinstance(self.knob_space, KnobSpace):
@@ -574,6 +621,18 @@ def _draw(logits: torch.Tensor, generator: torch.Generator | None, greedy: bool)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _at_tier(vision_feat: torch.Tensor | None, tier_idx: torch.Tensor, num_tiers: int, width: int) -> torch.Tensor:
+    """Each row's vision statistics at its chosen tier: (N, T, width) -> (N, width)."""
+    n = tier_idx.shape[0]
+    if vision_feat is None or tuple(vision_feat.shape) != (n, num_tiers, width):
+        got = None if vision_feat is None else tuple(vision_feat.shape)
+        raise ValueError(
+            f"vision_feat has shape {got}: expected ({n}, {num_tiers}, {width}), the vision statistics at every tier "
+            "(knoblib.vision_features.vision_statistics_all_tiers)"
+        )
+    return vision_feat[torch.arange(n, device=vision_feat.device), tier_idx.to(vision_feat.device)]
+
+
 class TwoStageController(PreTrainedModel):
     """The two-stage knob controller as a transformers model.
 
@@ -627,7 +686,21 @@ class TwoStageController(PreTrainedModel):
                 top_k_options=space.top_k_options,
                 block_options={p: space.block_options(p) for p in space.insertion_positions},
                 hidden_act=config.hidden_act,
+                vision_dim=2 * config.lang_dim if config.vision_stats else 0,
             )
+            if config.hybrid:
+                # The hybrid's second Stage 2: Mode A, on the latency token (``served_as("A")``).
+                self.stage2_a = Knob2Knob3Predictor(
+                    use_optimized_mode=False,
+                    lang_dim=config.lang_dim,
+                    budget_dim=config.budget_dim,
+                    latency_dim=config.latency_dim,
+                    hidden_dim=config.hidden_dim,
+                    max_insertion_position=space.max_insertion_position,
+                    top_k_options=space.top_k_options,
+                    block_options={p: space.block_options(p) for p in space.insertion_positions},
+                    hidden_act=config.hidden_act,
+                )
             self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -721,6 +794,39 @@ class TwoStageController(PreTrainedModel):
     def mode(self) -> str:
         return self.config.mode
 
+    def served_as(self, mode: str) -> "TwoStageController":
+        """A hybrid controller (``config.hybrid``) as a plain controller of ``mode`` ("A" or "B").
+
+        The result has this controller's budget encoder, probe and Stage 1, and as its
+        ``stage2`` the Mode-B head (``stage2``) or the Mode-A head (``stage2_a``), with a
+        config of that mode. It is a *view*: every parameter is shared (training the view
+        trains this controller), so every path that takes a plain controller
+        (``run_controller``, ``ModeADecider``, ``GreedyDecider``, the evaluation) serves the
+        hybrid either way. ``save_pretrained`` on a view writes a plain controller of that
+        mode. Its ``hybrid_view`` attribute says which way it serves ("A" or "B"), and
+        ``hybrid_source`` is this controller.
+        A non-hybrid controller is returned as it is for its own mode.
+        """
+        if mode not in ("A", "B"):
+            raise ValueError(f"mode={mode!r} is invalid: allowed 'A' or 'B'")
+        if not self.config.hybrid:
+            if mode == self.mode:
+                return self
+            raise ValueError(f"this is a Mode-{self.mode} controller, not a hybrid: it cannot serve in Mode {mode}")
+        import copy
+
+        view = self.__class__.__new__(self.__class__)
+        view.__dict__.update(self.__dict__)
+        # Own module table (the parameters inside stay shared): stage2 is the chosen head.
+        view._modules = {name: module for name, module in self._modules.items() if name != "stage2_a"}
+        view._modules["stage2"] = self._modules["stage2" if mode == "B" else "stage2_a"]
+        view.config = copy.deepcopy(self.config)
+        view.config.mode, view.config.hybrid = mode, False
+        view.hybrid_view = mode
+        # The whole hybrid, for training it (not a submodule: the view's weights are its own modules).
+        object.__setattr__(view, "hybrid_source", self)
+        return view
+
     # --- features ---------------------------------------------------------------
     def encode_budget(
         self, budget_ratio: torch.Tensor | Sequence[float], price: torch.Tensor | Sequence[float] | None = None
@@ -787,17 +893,22 @@ class TwoStageController(PreTrainedModel):
         mask: torch.Tensor | None = None,
         tier_idx: torch.Tensor | None = None,
         top_k_idx: torch.Tensor | None = None,
+        vision_feat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(top_k logits (N, K), block logits (N, NB)): totals p forbids and closed options at -inf.
 
-        Mode B reads ``lang_feat`` and ``budget_feat``, Mode A reads ``latency_token``
+        Mode B reads ``lang_feat`` and ``budget_feat`` (and, with ``config.vision_stats``,
+        ``vision_feat`` (N, 2 lang_dim) at each row's tier), Mode A reads ``latency_token``
         (N, latency_dim); inputs the mode does not use are ignored. With a ``mask``
         (and ``tier_idx``), options that cannot fit are closed; the blocks' slice depends
         on the top-k, so pass ``top_k_idx`` once it is chosen.
         """
         p = self._positions(insertion_position_idx)
         if self.stage2.use_optimized_mode:
-            top_k_logits, block_logits = self.stage2(p, lang_feat=self._question(lang_feat), budget_feat=budget_feat)
+            top_k_logits, block_logits = self.stage2(
+                p, lang_feat=self._question(lang_feat), budget_feat=budget_feat,
+                vision_feat=vision_feat if self.stage2.vision_dim else None,
+            )
         else:
             top_k_logits, block_logits = self.stage2(p, latency_token=latency_token)
         if mask is not None:
@@ -844,10 +955,11 @@ class TwoStageController(PreTrainedModel):
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         greedy: bool = False,
+        vision_feat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(top_k_idx (N,), num_active_blocks_idx (N,)); totals p forbids and closed options are never chosen."""
         top_k_logits, block_logits = self.stage2_logits(
-            insertion_position_idx, lang_feat, budget_feat, latency_token, mask, tier_idx
+            insertion_position_idx, lang_feat, budget_feat, latency_token, mask, tier_idx, vision_feat=vision_feat
         )
         top_k = _draw(top_k_logits, generator, greedy)
         if mask is not None:
@@ -862,24 +974,39 @@ class TwoStageController(PreTrainedModel):
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         greedy: bool = False,
+        vision_feat: torch.Tensor | None = None,
     ) -> Decisions:
-        """Mode B: all four choices before the VLM runs. (Mode A samples Stage 2 at the pause: ``ModeADecider``.)"""
+        """Mode B: all four choices before the VLM runs. (Mode A samples Stage 2 at the pause: ``ModeADecider``.)
+
+        With ``config.vision_stats``, ``vision_feat`` (N, T, 2 lang_dim) holds the vision
+        statistics at every tier (``knoblib.vision_features.vision_statistics_all_tiers``);
+        Stage 2 reads each row's at the tier Stage 1 chose.
+        """
         if self.mode != "B":
             raise ValueError(
                 "sample() needs Mode B: in Mode A, Stage 2 reads the latency token at the pause "
                 "(use sample_stage1 and a ModeADecider with KnobVLM.generate)"
             )
         tier, position = self.sample_stage1(lang_feat, budget_feat, mask, generator, greedy)
-        top_k, blocks = self.sample_stage2(tier, position, lang_feat, budget_feat, mask=mask, generator=generator, greedy=greedy)
+        chosen = None
+        if self.config.vision_stats:
+            chosen = _at_tier(vision_feat, tier, len(self.knob_space.tiers), 2 * self.config.lang_dim)
+        top_k, blocks = self.sample_stage2(
+            tier, position, lang_feat, budget_feat, mask=mask, generator=generator, greedy=greedy, vision_feat=chosen
+        )
         return Decisions(tier, position, top_k, blocks)
 
-    def joint_log_probs(self, lang_feat: torch.Tensor, budget_feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def joint_log_probs(
+        self, lang_feat: torch.Tensor, budget_feat: torch.Tensor, mask: torch.Tensor, vision_feat: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mode B: log pi(tier, p, top_k, blocks) of every configuration, (N, T, P, K, NB); -inf where closed.
 
         The product of the four choices' probabilities, each under its slice of ``mask``
         (N, T, P, K, NB) given the choices before it, as ``evaluate_actions`` scores one
-        configuration; here Stage 2 runs once for each p. Used to fit the controller to the
-        expected reward of every configuration (``JointGRPOTrainer.fit_to_correctness``).
+        configuration; here Stage 2 runs once for each p (and, with ``config.vision_stats``,
+        once for each (tier, p), reading ``vision_feat`` (N, T, 2 lang_dim) at that tier).
+        Used to fit the controller to the expected reward of every configuration
+        (``JointGRPOTrainer.fit_to_correctness``).
         """
         if self.mode != "B":
             raise ValueError("joint_log_probs needs Mode B: Mode A's Stage 2 reads a latency token per p")
@@ -894,14 +1021,30 @@ class TwoStageController(PreTrainedModel):
         tier_logits, position_logits = self.stage1(self._question(lang_feat), budget_feat)
         log_tier = log_softmax(tier_logits, mask.flatten(2).any(-1))  # (N, T)
         log_position = log_softmax(position_logits[:, None, :].expand(n, num_t, num_p), mask.flatten(3).any(-1))  # (N, T, P)
-        p = torch.arange(1, num_p + 1, device=device).repeat(n)
-        top_k_logits, block_logits = self.stage2(
-            p,
-            lang_feat=self._question(lang_feat).repeat_interleave(num_p, 0),
-            budget_feat=budget_feat.repeat_interleave(num_p, 0),
-        )
-        top_k_logits = top_k_logits.view(n, 1, num_p, num_k).expand(n, num_t, num_p, num_k)
-        block_logits = block_logits.view(n, 1, num_p, 1, num_b).expand(n, num_t, num_p, num_k, num_b)
+        if self.config.vision_stats:
+            width = 2 * self.config.lang_dim
+            if vision_feat is None or tuple(vision_feat.shape) != (n, num_t, width):
+                got = None if vision_feat is None else tuple(vision_feat.shape)
+                raise ValueError(f"vision_feat has shape {got}: expected ({n}, {num_t}, {width}), the statistics at every tier")
+            # One Stage-2 row per (request, tier, p): the vision statistics differ by tier.
+            p = torch.arange(1, num_p + 1, device=device).repeat(n * num_t)
+            top_k_logits, block_logits = self.stage2(
+                p,
+                lang_feat=self._question(lang_feat).repeat_interleave(num_t * num_p, 0),
+                budget_feat=budget_feat.repeat_interleave(num_t * num_p, 0),
+                vision_feat=vision_feat.reshape(n * num_t, width).repeat_interleave(num_p, 0),
+            )
+            top_k_logits = top_k_logits.view(n, num_t, num_p, num_k)
+            block_logits = block_logits.view(n, num_t, num_p, 1, num_b).expand(n, num_t, num_p, num_k, num_b)
+        else:
+            p = torch.arange(1, num_p + 1, device=device).repeat(n)
+            top_k_logits, block_logits = self.stage2(
+                p,
+                lang_feat=self._question(lang_feat).repeat_interleave(num_p, 0),
+                budget_feat=budget_feat.repeat_interleave(num_p, 0),
+            )
+            top_k_logits = top_k_logits.view(n, 1, num_p, num_k).expand(n, num_t, num_p, num_k)
+            block_logits = block_logits.view(n, 1, num_p, 1, num_b).expand(n, num_t, num_p, num_k, num_b)
         log_top_k = log_softmax(top_k_logits, mask.any(-1))  # (N, T, P, K)
         log_blocks = log_softmax(block_logits, mask)  # (N, T, P, K, NB)
         return log_tier[..., None, None, None] + log_position[..., None, None] + log_top_k[..., None] + log_blocks
@@ -914,6 +1057,7 @@ class TwoStageController(PreTrainedModel):
         budget_feat: torch.Tensor,
         mask: torch.Tensor | None = None,
         latency_token: torch.Tensor | None = None,
+        vision_feat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Joint log-probability and per-knob entropies of the taken decisions.
 
@@ -925,6 +1069,8 @@ class TwoStageController(PreTrainedModel):
                 sampled under (each knob is scored under the same slice, given the
                 choices taken), or None.
             latency_token: (N, latency_dim), Mode A only (read from the frozen VLM, no grad).
+            vision_feat: (N, 2 lang_dim), Mode B with ``config.vision_stats`` only: the
+                statistics at each row's tier.
 
         Returns:
             ``(log_prob (N,), entropies)``: ``log_prob`` is the sum of the four choices'
@@ -942,7 +1088,8 @@ class TwoStageController(PreTrainedModel):
         logits = (
             *self.stage1_logits(lang_feat, budget_feat, mask, decisions.tier),
             *self.stage2_logits(
-                decisions.insertion_position, lang_feat, budget_feat, latency_token, mask, decisions.tier, decisions.top_k
+                decisions.insertion_position, lang_feat, budget_feat, latency_token, mask, decisions.tier, decisions.top_k,
+                vision_feat=vision_feat,
             ),
         )
         dists = {name: Categorical(logits=x) for name, x in zip(KNOB_NAMES, logits)}
@@ -957,9 +1104,10 @@ class TwoStageController(PreTrainedModel):
         budget_feat: torch.Tensor,
         mask: torch.Tensor | None = None,
         latency_token: torch.Tensor | None = None,
+        vision_feat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Same as ``evaluate_actions`` (the call that needs gradients)."""
-        return self.evaluate_actions(decisions, lang_feat, budget_feat, mask, latency_token)
+        return self.evaluate_actions(decisions, lang_feat, budget_feat, mask, latency_token, vision_feat)
 
 
 class ModeADecider:

@@ -84,6 +84,7 @@ class GreedyDecider:
         self._frequencies = list(encoder.frequencies)
         self._act = _ACTIVATIONS[controller.config.hidden_act]
         self._mode_b = controller.stage2.use_optimized_mode
+        self._vision = bool(getattr(controller.stage2, "vision_dim", 0))
         self._hidden = controller.config.hidden_dim
         self._lang_dim = controller.config.lang_dim
 
@@ -141,7 +142,12 @@ class GreedyDecider:
         parts = 2 if self._mode_b else 1
         embedding = self._act(w["stage2.insertion_embedding.weight"])  # (P, h)
         self._fusion = fusion[:, : parts * h]
-        self._fusion_bias = embedding @ fusion[:, parts * h :].T + fusion_bias  # (P, h)
+        self._fusion_bias = embedding @ fusion[:, parts * h : (parts + 1) * h].T + fusion_bias  # (P, h)
+        if self._vision:
+            # The vision statistics' part comes after the p embedding (``Knob2Knob3Predictor``).
+            self._vision_in = scaled(w["stage2.vision_proj.1.weight"], "stage2.vision_proj.0")
+            self._vision_in = (self._vision_in[0], self._vision_in[1] + w["stage2.vision_proj.1.bias"])
+            self._fusion_vision = fusion[:, (parts + 1) * h :]
         if not self._mode_b:
             self._token = scaled(w["stage2.latency_token_proj.weight"], "stage2.latency_norm")
             self._token = (self._token[0], self._token[1] + w["stage2.latency_token_proj.bias"])
@@ -198,12 +204,14 @@ class GreedyDecider:
         return tier, position
 
     def stage2(
-        self, tier: int, position: int, fitting, shared: torch.Tensor | None = None, latency_token: torch.Tensor | None = None
+        self, tier: int, position: int, fitting, shared: torch.Tensor | None = None, latency_token: torch.Tensor | None = None,
+        vision_feat: torch.Tensor | None = None,
     ) -> tuple[int, int]:
         """Greedy (top_k index, num_active_blocks index) given Stage 1's choice.
 
-        Mode B reads ``shared`` (from :meth:`features`, which refreshed the fold); Mode A
-        the ``latency_token`` (1, d). Call under ``torch.inference_mode``.
+        Mode B reads ``shared`` (from :meth:`features`, which refreshed the fold) and, with
+        ``config.vision_stats``, ``vision_feat`` (1, 2 d) at the chosen tier; Mode A the
+        ``latency_token`` (1, d). Call under ``torch.inference_mode``.
         """
         if self._mode_b:
             parts = shared[:, self._hidden :]
@@ -211,7 +219,13 @@ class GreedyDecider:
             self._fresh()  # Mode A decides at the pause, apart from features()
             token = F.layer_norm(latency_token.float(), latency_token.shape[-1:])
             parts = self._act(F.linear(token, *self._token))
-        hidden = self._act(F.linear(parts, self._fusion, self._fusion_bias[position]))
+        pre = F.linear(parts, self._fusion, self._fusion_bias[position])
+        if self._vision:
+            if vision_feat is None:
+                raise ValueError("this controller's Stage 2 reads vision statistics: pass vision_feat (1, 2 d) of the chosen tier")
+            stats = F.layer_norm(vision_feat.float(), vision_feat.shape[-1:])
+            pre = pre + F.linear(self._act(F.linear(stats, *self._vision_in)), self._fusion_vision)
+        hidden = self._act(pre)
         scores = F.linear(hidden, *self._heads2)[0].tolist()
         below = [c for c in fitting if c[0] == tier and c[1] == position]
         top_k = self._best(scores[: self._num_top_k], {c[2] for c in below})

@@ -258,8 +258,12 @@ class ControllerPolicy:
         self.guard = BudgetGuard(table, vlm.knob_space, quantile) if controller.config.budget_guard else None
         self.mode = "B" if controller.config.mode == "B" else "A-resumable"
         self.language = LanguageFeatureExtractor(vlm.input_embeddings, vlm.tokenizer)
-        kind = "controller" if controller.config.use_question else "budget-only controller"
-        self.name = name or f"{kind} (Mode {controller.config.mode})"
+        from .variants import controller_name
+
+        # "controller (Mode A)", "controller (Mode B + vision)", "controller (hybrid as A)", ...
+        self.name = name or controller_name(controller)
+        # The vision-aware Mode B runs the vision tower between its two stages.
+        self.vlm = vlm
         self._decider = None
 
     def choose(self, vlm, samples, images, budgets):
@@ -284,13 +288,22 @@ class ControllerPolicy:
         return self._decider
 
     @torch.inference_mode()
-    def decide(self, question: str, budget_ms: float, stage2: bool = True, price: float = 0.0) -> tuple[int, ...]:
+    def decide(
+        self, question: str, budget_ms: float, stage2: bool = True, price: float = 0.0, image: torch.Tensor | None = None
+    ) -> tuple[int, ...]:
         """The controller's decision for one request (budget ``inf``: none; a latency price), as option indices.
 
         Mode B: (tier, position, top_k, blocks). Mode A: (tier, position) only, since its
         Stage 2 reads the latency token during the forward; with ``stage2`` it also runs
         Stage 2 on a blank latency token, which costs what the pause will (to time it).
+        The vision-aware Mode B (``config.vision_stats``) needs the request's ``image``.
         """
+        if getattr(self.controller.config, "vision_stats", False):
+            from .variants import vision_decide
+
+            if image is None:
+                raise ValueError("this controller's Stage 2 reads the image's vision statistics: pass image=")
+            return vision_decide(self, self.vlm, question, budget_ms, price, image)
         decider = self.decider
         fitting = decider.fitting(budget_ms)
         shared = decider.features(question, budget_ms, price)
@@ -305,6 +318,10 @@ class ControllerPolicy:
     def serve_one(
         self, vlm, image, question: str, budget_ms: float, answer_tokens: int, price: float = 0.0
     ) -> tuple[str, KnobConfig]:
+        if getattr(self.controller.config, "vision_stats", False):
+            from .variants import serve_vision_one
+
+            return serve_vision_one(self, vlm, image, question, budget_ms, answer_tokens, price)
         decider = self.decider
         start = time.perf_counter()
         choice = self.decide(question, budget_ms, stage2=False, price=price)

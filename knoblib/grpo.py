@@ -56,7 +56,7 @@ CHECKPOINT_FORMAT = "knoblib-grpo-checkpoint"
 # start acts only when a run starts, so changing its settings on resume would record
 # something that never ran.
 RESUME_FREE_FIELDS = ("steps",)
-START_ONLY_FIELDS = ("warm_start_steps", "warm_start_entropy", "warm_start_teacher")
+START_ONLY_FIELDS = ("warm_start_steps", "warm_start_entropy", "warm_start_teacher", "distill_steps")
 
 
 @dataclass
@@ -127,6 +127,29 @@ class GRPOConfig:
             ``family-table``: the most accurate configuration for the request's family
             (reads the synthetic data's family label: an analysis bound, not a teacher
             a user could compute).
+
+    The variants beyond Mode B (``knoblib.variants``; Mode B only):
+        vision_stats: train the vision-aware Mode B (the controller's
+            ``config.vision_stats``): Stage 2 also reads statistics of the vision features
+            at the tier Stage 1 chose (``knoblib.vision_features``).
+        hybrid: train a hybrid controller (the controller's ``config.hybrid``): its Mode-B
+            head and Stage 1 by GRPO on batched Mode-B rollouts, its Mode-A head from the
+            same rollouts (their generate also returns each row's latency token at its p),
+            by the clipped surrogate with importance ratio pi_A / pi_B
+            (``hybrid_grpo_coef``) and by distillation from the B head (``distill_coef``,
+            ``distill_steps``).
+        hybrid_grpo_coef: weight of the hybrid's A-head surrogate (0: the A head learns by
+            distillation alone).
+        distill_from: the folder of a trained Mode-A teacher whose distributions a Mode-B
+            student learns to match (``knoblib.distill``); recorded here, loaded by the
+            ``train`` command (``--distill-from``). Empty: no teacher (a hybrid's teacher is
+            its own B head).
+        distill_steps: steps of distillation before GRPO: the KL from the teacher's
+            policy to the student's, on training requests, with the teacher's latency tokens
+            from a partial forward (``knoblib.distill.distill``); after the warm start,
+            if there is one.
+        distill_coef: weight of the same KL alongside GRPO, at the rollouts' own states (the
+            rollouts' batched generate returns the teacher's latency tokens: no extra forward).
     """
 
     mode: str = "B"
@@ -156,6 +179,12 @@ class GRPOConfig:
     warm_start_steps: int = 0
     warm_start_entropy: float = 0.5
     warm_start_teacher: str = "correctness"
+    vision_stats: bool = False
+    hybrid: bool = False
+    hybrid_grpo_coef: float = 1.0
+    distill_from: str = ""
+    distill_steps: int = 0
+    distill_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -189,6 +218,29 @@ class GRPOConfig:
             raise ValueError(f"use_question={self.use_question!r} is invalid: must be True or False")
         if self.warm_start_steps and self.mode != "B":
             raise ValueError(f"warm_start_steps={self.warm_start_steps} needs mode 'B' (got {self.mode!r})")
+        for name in ("vision_stats", "hybrid"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be True or False")
+            if getattr(self, name) and self.mode != "B":
+                raise ValueError(f"{name}=True needs mode 'B' (got {self.mode!r})")
+        if self.vision_stats and self.hybrid:
+            raise ValueError("vision_stats=True and hybrid=True are separate variants: choose one")
+        for name in ("hybrid_grpo_coef", "distill_coef", "distill_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} is invalid: must be a finite number >= 0")
+        if not isinstance(self.distill_from, str):
+            raise ValueError(f"distill_from={self.distill_from!r} is invalid: a folder path (str), or '' for none")
+        if self.distill_from and (self.mode != "B" or self.hybrid):
+            raise ValueError(
+                f"distill_from={self.distill_from!r} needs mode 'B' without hybrid (got mode={self.mode!r}, "
+                f"hybrid={self.hybrid}): a Mode-B student learns from a Mode-A teacher; a hybrid's teacher is its own B head"
+            )
+        if (self.distill_steps or self.distill_coef) and not (self.distill_from or self.hybrid):
+            raise ValueError(
+                f"distill_steps={self.distill_steps}, distill_coef={self.distill_coef} need a teacher: distill_from "
+                "(a Mode-A controller folder) or hybrid=True (the B head teaches the A head)"
+            )
         if isinstance(self.reward, dict):
             self.reward = RewardConfig(**self.reward)
 
@@ -213,6 +265,7 @@ class Rollouts:
         old_log_prob: (N,) joint log-prob under the policy that sampled.
         correct: (N,) bool; latency_ms: (N,) from the table; reward: (N,).
         partial_forwards / full_forwards: forwards counted for this step.
+        vision_feat: (N, 2 d) the vision statistics at each row's tier (vision-aware Mode B), or None.
     """
 
     decisions: Decisions
@@ -229,6 +282,7 @@ class Rollouts:
     reward: torch.Tensor
     partial_forwards: int
     full_forwards: int
+    vision_feat: torch.Tensor | None = None
 
 
 @dataclass
@@ -241,6 +295,7 @@ class ControlledRun:
         lang_feat: (N, d); budget_feat: (N, budget_dim); latency_tokens: (N, d) or None.
         mask: (N, T, P, K, NB) the feasibility mask the choices were made under, or None.
         partial_forwards / full_forwards: forwards this run counted.
+        vision_feat: (N, 2 d) the vision statistics Stage 2 read (vision-aware Mode B), or None.
     """
 
     decisions: Decisions
@@ -252,6 +307,7 @@ class ControlledRun:
     mask: torch.Tensor | None
     partial_forwards: int
     full_forwards: int
+    vision_feat: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -269,6 +325,8 @@ def run_controller(
     greedy: bool = False,
     guard: BudgetGuard | None = None,
     prices: torch.Tensor | None = None,
+    probe_embeddings: torch.Tensor | None = None,
+    reuse_vision: bool = True,
 ) -> ControlledRun:
     """Let the controller pick each row's knobs (sampled or greedy) and run the VLM with them.
 
@@ -279,6 +337,13 @@ def run_controller(
     one batched generate; ``A-resumable`` pauses each row's forward at its p; ``A-naive``
     runs a separate partial forward first (counted as extra forwards). With a ``guard``,
     options whose profiled latency cannot fit each row's budget are closed in every choice.
+
+    Mode B with ``config.vision_stats``: after Stage 1, the vision statistics at each row's
+    tier (``knoblib.vision_features``) feed Stage 2; with ``reuse_vision`` the generate that
+    follows reuses those vision features instead of running the vision tower again. Mode B
+    with ``probe_embeddings`` (N, d): the batched generate also reads each row's latency
+    token at its p from that probe (a hybrid's A head, a distillation teacher), at the
+    cost of one more prefill position, and returns it as ``latency_tokens``.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid: allowed {list(MODES)}")
@@ -294,13 +359,28 @@ def run_controller(
     tier, pos = controller.sample_stage1(lang, budget_feat, mask, generator=generator, greedy=greedy)
     stage1 = [(space.tiers[t], space.insertion_positions[p]) for t, p in zip(tier.tolist(), pos.tolist())]
     latency_tokens = None
+    vision_feat = None
     partial = 0
+    if probe_embeddings is not None and mode != "B":
+        raise ValueError(f"probe_embeddings is for Mode B rollouts (mode={mode!r} reads its own latency tokens)")
     if mode == "B":
-        topk, blocks = controller.sample_stage2(
-            tier, pos, lang_feat=lang, budget_feat=budget_feat, mask=mask, generator=generator, greedy=greedy
-        )
-        decisions = Decisions(tier, pos, topk, blocks)
-        out = vlm.generate(images, questions, decisions.to_knobs(space), answer_tokens)
+        from contextlib import nullcontext
+
+        from .vision_features import reuse_image_features, vision_statistics
+
+        vision = bool(getattr(controller.config, "vision_stats", False))
+        with reuse_image_features(vlm) if vision and reuse_vision else nullcontext():
+            if vision:
+                vision_feat = vision_statistics(vlm, images, [t for t, _ in stage1])
+            topk, blocks = controller.sample_stage2(
+                tier, pos, lang_feat=lang, budget_feat=budget_feat, mask=mask, generator=generator, greedy=greedy,
+                vision_feat=vision_feat,
+            )
+            decisions = Decisions(tier, pos, topk, blocks)
+            out = vlm.generate(
+                images, questions, decisions.to_knobs(space), answer_tokens, probe_embeddings=probe_embeddings
+            )
+        latency_tokens = out.latency_tokens
     elif mode == "A-naive":
         probe = controller.probe_embeddings(ratio, prices)
         latency_tokens = vlm.partial_forward(images, questions, stage1, probe)
@@ -319,7 +399,7 @@ def run_controller(
         latency_tokens = decider.latency_tokens
         decisions = decider.decisions()
     return ControlledRun(
-        decisions, decisions.to_knobs(space), out.answers, lang, budget_feat, latency_tokens, mask, partial, n
+        decisions, decisions.to_knobs(space), out.answers, lang, budget_feat, latency_tokens, mask, partial, n, vision_feat
     )
 
 
@@ -398,6 +478,8 @@ class JointGRPOTrainer:
         train / val: the request pools (samples; budgets are drawn per request).
         cfg: ``GRPOConfig``.
         reference: a frozen controller for the KL term (default: a copy at start).
+        teacher: the trained Mode-A controller a Mode-B student is distilled from
+            (``cfg.distill_steps`` / ``cfg.distill_coef`` with ``cfg.distill_from``), frozen.
     """
 
     def __init__(
@@ -409,6 +491,7 @@ class JointGRPOTrainer:
         val: list[VQASample],
         cfg: GRPOConfig,
         reference: TwoStageController | None = None,
+        teacher: TwoStageController | None = None,
     ) -> None:
         if controller.config.mode != cfg.stage2_mode:
             raise ValueError(
@@ -425,6 +508,15 @@ class JointGRPOTrainer:
                 f"controller max_price={controller.config.max_price}, use_question={controller.config.use_question} "
                 f"do not match training max_price={cfg.max_price}, use_question={cfg.use_question}"
             )
+        for name in ("vision_stats", "hybrid"):
+            if getattr(controller.config, name, False) != getattr(cfg, name):
+                raise ValueError(
+                    f"controller {name}={getattr(controller.config, name, False)} does not match training {name}={getattr(cfg, name)}"
+                )
+        if (cfg.distill_from and (cfg.distill_steps or cfg.distill_coef)) or teacher is not None:
+            from .distill import check_teacher
+
+            check_teacher(teacher, controller, cfg)
         table.check_space(vlm.knob_space)
         if controller.knob_space != vlm.knob_space:
             raise ValueError(f"controller knob space {controller.knob_space} differs from the VLM's {vlm.knob_space}")
@@ -456,6 +548,11 @@ class JointGRPOTrainer:
         self.history: list[dict] = []
         self.best_val_reward = -math.inf
         self._images: dict[str, torch.Tensor] = {}
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = teacher.to(controller.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
 
     # --- data ---------------------------------------------------------------------
     def image(self, sample: VQASample) -> torch.Tensor:
@@ -518,12 +615,13 @@ class JointGRPOTrainer:
             greedy=greedy,
             guard=self.guard,
             prices=prices if self.controller.config.max_price > 0 else None,
+            probe_embeddings=None if greedy else self._rollout_probe(budgets, prices),
         )
         correct = torch.tensor([a == s.answer for a, s in zip(run.answers, rows)])
         latency_ms = self.table.latencies(run.knobs)
         reward, _ = compute_reward(correct, latency_ms, budgets, self.cfg.reward, prices, self.table.reference_ms)
         old_log_prob, _ = self.controller.evaluate_actions(
-            run.decisions, run.lang_feat, run.budget_feat, run.mask, run.latency_tokens
+            run.decisions, run.lang_feat, run.budget_feat, run.mask, run.latency_tokens, run.vision_feat
         )
         return Rollouts(
             run.decisions,
@@ -540,7 +638,23 @@ class JointGRPOTrainer:
             reward,
             run.partial_forwards,
             run.full_forwards,
+            run.vision_feat,
         )
+
+    def _rollout_probe(self, budgets: torch.Tensor, prices: torch.Tensor) -> torch.Tensor | None:
+        """The probe a Mode-B rollout's generate reads latency tokens from: the hybrid's own (for
+        its A head), the teacher's (distillation alongside GRPO), else None (no latency token)."""
+        if self.cfg.mode != "B":
+            return None
+        source = None
+        if self.cfg.hybrid:
+            source = self.controller
+        elif self.teacher is not None and self.cfg.distill_coef > 0:
+            source = self.teacher
+        if source is None:
+            return None
+        price = prices if source.config.max_price > 0 else None
+        return source.probe_embeddings(self.table.relative(budgets), price).to(self.vlm.device)
 
     # --- one step -----------------------------------------------------------------
     def train_step(self, batch: tuple | None = None) -> dict:
@@ -567,18 +681,27 @@ class JointGRPOTrainer:
             with torch.no_grad():
                 ref_feat = self.reference.encode_budget(ro.budget_ratio, self._price(ro.prices))
                 ref_log_prob, _ = self.reference.evaluate_actions(
-                    ro.decisions, ro.lang_feat, ref_feat, ro.mask, ro.latency_tokens
+                    ro.decisions, ro.lang_feat, ref_feat, ro.mask, ro.latency_tokens, ro.vision_feat
                 )
+        # Distillation alongside GRPO and the hybrid's A head: their fixed parts (the teacher's
+        # distributions, the B head's log-probabilities at sampling) are computed once per step.
+        from .distill import auxiliary_losses
+
+        auxiliary = auxiliary_losses(self, ro, advantages, mask)
         self.controller.train()
         stats: dict = {}
+        aux_stats: dict = {}
         for _ in range(cfg.inner_iterations):
             budget_feat = self.controller.encode_budget(ro.budget_ratio, self._price(ro.prices))
             log_prob, entropies = self.controller.evaluate_actions(
-                ro.decisions, ro.lang_feat, budget_feat, ro.mask, ro.latency_tokens
+                ro.decisions, ro.lang_feat, budget_feat, ro.mask, ro.latency_tokens, ro.vision_feat
             )
             loss, stats = grpo_loss(log_prob, ro.old_log_prob, advantages, cfg.clip_eps, mask, ref_log_prob, cfg.kl_coef)
             entropy = sum(entropies.values()).mean()
             total = loss - cfg.entropy_coef * entropy
+            if auxiliary is not None:
+                extra, aux_stats = auxiliary(budget_feat)
+                total = total + extra
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.controller.parameters(), cfg.max_grad_norm)
@@ -607,6 +730,7 @@ class JointGRPOTrainer:
             "full_forwards": ro.full_forwards,
             "forwards_per_request": (ro.partial_forwards + ro.full_forwards) / len(samples),
             "rollout_time_s": rollout_s,
+            **aux_stats,
             "step_time_s": time.perf_counter() - start,
         }
         self.history.append(metrics)
@@ -670,8 +794,13 @@ class JointGRPOTrainer:
                         "guard masks: a teacher must pick configurations that fit"
                     )
             lang = self.language([s.question for s in rows])
+            vision = None
+            if getattr(self.controller.config, "vision_stats", False):
+                from .vision_features import vision_statistics
+
+                vision = vision_statistics(self.vlm, [self.image(s) for s in rows], [k.tier for k in chosen])
             log_prob, entropies = self.controller.evaluate_actions(
-                decisions, lang, self.controller.encode_budget(self.table.relative(b)), mask
+                decisions, lang, self.controller.encode_budget(self.table.relative(b)), mask, vision_feat=vision
             )
             loss = -log_prob.mean() - entropy_coef * sum(entropies.values()).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -753,6 +882,16 @@ class JointGRPOTrainer:
         rows = [r for r, uid in enumerate(correctness.uids) if uid in by_uid]
         if not rows:
             raise ValueError("none of the correctness table's questions is in the training pool")
+        vision = None
+        if getattr(self.controller.config, "vision_stats", False):
+            # The vision statistics of every training question at every tier, once (vision tower only).
+            from .vision_features import vision_statistics_all_tiers
+
+            vision = torch.zeros(len(correctness.uids), len(space.tiers), 2 * self.controller.config.lang_dim)
+            for start in range(0, len(rows), 100):
+                chunk = rows[start : start + 100]
+                images = [self.image(by_uid[correctness.uids[r]]) for r in chunk]
+                vision[chunk] = vision_statistics_all_tiers(self.vlm, images).cpu()
         seed = self.cfg.seed + 2 if seed is None else seed
         rng = random.Random(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -780,7 +919,9 @@ class JointGRPOTrainer:
             reward_grid[(slice(None), *index)] = reward.view(n, -1)
             lang = self.language([by_uid[correctness.uids[r]].question for r in picked])
             budget_feat = self.controller.encode_budget(self.table.relative(budgets), self._price(prices))
-            log_prob = self.controller.joint_log_probs(lang, budget_feat, mask)  # (n, T, P, K, NB)
+            log_prob = self.controller.joint_log_probs(
+                lang, budget_feat, mask, None if vision is None else vision[picked]
+            )  # (n, T, P, K, NB)
             prob = log_prob.exp()
             expected = (prob * reward_grid).flatten(1).sum(1)
             entropy = -(prob * log_prob.masked_fill(~torch.isfinite(log_prob), 0.0)).flatten(1).sum(1)

@@ -277,7 +277,12 @@ def controller_choices(vlm, controller, samples, table: LatencyTable, budgets_ms
             lang = language([s.question for s in chunk])
             feat = controller.encode_budget(table.relative(b), p)
             mask = guard.mask(b) if guard is not None else None
-            knobs += controller.sample(lang, feat, mask, greedy=True).to_knobs(vlm.knob_space)
+            vision = None
+            if getattr(controller.config, "vision_stats", False):  # the vision-aware Mode B reads the image too
+                from .vision_features import vision_statistics_all_tiers
+
+                vision = vision_statistics_all_tiers(vlm, [s.image() for s in chunk])
+            knobs += controller.sample(lang, feat, mask, greedy=True, vision_feat=vision).to_knobs(vlm.knob_space)
         else:
             run = run_controller(
                 vlm, controller, language, [s.image() for s in chunk], [s.question for s in chunk], b, table,

@@ -51,13 +51,20 @@ def make_trainer(
         sampler = BudgetSampler(table, margin=cfg.budget_margin)
         config = ControllerConfig.for_vlm(
             vlm, sampler.relative_range, mode=cfg.stage2_mode, seed=cfg.seed, budget_guard=cfg.budget_guard,
-            max_price=cfg.max_price, use_question=cfg.use_question,
+            max_price=cfg.max_price, use_question=cfg.use_question, vision_stats=cfg.vision_stats, hybrid=cfg.hybrid,
+            distilled_from=cfg.distill_from if (cfg.distill_steps or cfg.distill_coef) else "",
         )
         controller = TwoStageController(config)
     if device is not None:
         vlm.to(device)
         controller.to(device)
-    return JointGRPOTrainer(vlm, controller, table, train, val, cfg)
+    teacher = None
+    if cfg.distill_from and (cfg.distill_steps or cfg.distill_coef):
+        # The Mode-A teacher a Mode-B student is distilled from (knoblib.distill).
+        teacher = TwoStageController.load(
+            cfg.distill_from, expected_space=vlm.knob_space, expected_mode="A", expected_latency_dim=vlm.hidden_size
+        ).to(controller.device)
+    return JointGRPOTrainer(vlm, controller, table, train, val, cfg, teacher=teacher)
 
 
 def warm_start_teacher(
@@ -162,6 +169,7 @@ def resume_config(args, saved: GRPOConfig) -> GRPOConfig:
 TRAIN_OPTIONS = (
     "steps", "seed", "lr", "entropy_coef", "scale_rewards", "kl_coef", "warm_start_steps", "warm_start_entropy", "warm_start_teacher",
     "average_fraction", "max_price", "use_question",
+    "vision_stats", "hybrid", "hybrid_grpo_coef", "distill_from", "distill_steps", "distill_coef",
 )
 
 
@@ -223,6 +231,18 @@ def train_controller_command(args) -> None:
                 f"warm start: {cfg.warm_start_steps} behaviour-cloning steps on the {cfg.warm_start_teacher} teacher, "
                 f"nll {losses[0]:.3f} -> {losses[-1]:.3f}"
             )
+        if cfg.distill_steps:
+            import time
+
+            from .distill import distill
+
+            start = time.perf_counter()
+            kl = distill(trainer, cfg.distill_steps)
+            who = "the B head into the A head" if cfg.hybrid else f"the Mode-A teacher {cfg.distill_from}"
+            print(
+                f"distillation: {cfg.distill_steps} steps of {who}, KL {kl[0]:.3f} -> {kl[-1]:.3f} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
     trainer.train(out)
     last = trainer.history[-1]
     print(
@@ -260,6 +280,10 @@ def evaluate_command(args) -> None:
         ControllerPolicy(TwoStageController.load(path, expected_space=vlm.knob_space), vlm, table=table, quantile=quantile)
         for path in paths
     ]
+    # A hybrid controller (knoblib.variants) is served both ways: as A and as B.
+    from .variants import expand_hybrids
+
+    policies = expand_hybrids(policies)
     policies += [
         LookupTablePolicy(table, load_config_accuracy(data_path("config_accuracy_val.json")), quantile),
         RandomFeasiblePolicy(table, seed=0, quantile=quantile),
