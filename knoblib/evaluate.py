@@ -1,15 +1,16 @@
-"""Evaluation: per-configuration accuracy, the knob table, and the budget sweep.
+"""Evaluation: per-configuration accuracy, the knob table, the policies, and the measured sweep.
 
-A *policy* maps (requests, budgets) to one ``KnobConfig`` per request and answers them.
-The sweep compares, at each budget of a held-out split:
+A *policy* maps (requests, budgets) to one ``KnobConfig`` per request and answers them:
 
-* the trained controller (Mode A, resumable, and Mode B), acting greedily;
+* the trained controller (Mode A, resumable, and Mode B, and the variants), acting greedily;
 * the static lookup table: the configuration with the best validation accuracy whose
   profiled latency fits the budget (content-agnostic: the baseline to beat);
 * a random feasible policy: uniform over the configurations that fit;
 * the full model, whatever the budget.
 
-Latency is the profiled latency of each chosen configuration served alone.
+``knoblib.plane`` scores their choices on the accuracy / mean-latency plane from per-sample
+correctness; ``measured_sweep`` here serves them one request at a time and times each by
+the wall clock.
 """
 
 from __future__ import annotations
@@ -349,83 +350,6 @@ class ControllerPolicy:
         )
         return out.answers[0], out.knobs[0]
 
-
-# --- the sweep --------------------------------------------------------------------
-@dataclass
-class SweepRow:
-    """One policy at one budget, latency from this machine's table (each configuration served alone).
-
-    ``mean_latency_ms`` is the mean median latency of the chosen configurations;
-    ``violation_rate`` the share whose median latency exceeds the budget.
-    """
-
-    policy: str
-    budget_ms: float
-    accuracy: float
-    latency_over_budget: float
-    violation_rate: float
-    mean_latency_ms: float
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@torch.no_grad()
-def budget_sweep(
-    vlm: KnobVLM,
-    policies: list,
-    samples: list[VQASample],
-    table: LatencyTable,
-    budgets: list[float],
-    batch_size: int = 100,
-    progress: bool = True,
-) -> list[SweepRow]:
-    """Every policy at every budget on ``samples``; latency from the table (batched, fast)."""
-    from tqdm.auto import tqdm
-
-    if not samples:
-        raise ValueError("samples is empty: evaluate at least one request")
-    budgets = check_budgets(list(budgets)).tolist()
-    images = [s.image() for s in samples]
-    rows = []
-    for policy in tqdm(policies, desc="policies", disable=not progress):
-        for budget in budgets:
-            hits, ratios, violations, lat = [], [], [], []
-            for start in range(0, len(samples), batch_size):
-                chunk = samples[start : start + batch_size]
-                b = torch.full((len(chunk),), float(budget), dtype=torch.float64)
-                knobs, answers = policy.choose(vlm, chunk, images[start : start + batch_size], b)
-                latency = table.latencies(knobs)
-                hits += [a == s.answer for a, s in zip(answers, chunk)]
-                ratios += (latency / budget).tolist()
-                violations += (latency > budget).tolist()
-                lat += latency.tolist()
-            rows.append(
-                SweepRow(
-                    policy=policy.name,
-                    budget_ms=float(budget),
-                    accuracy=sum(hits) / len(hits),
-                    latency_over_budget=sum(ratios) / len(ratios),
-                    violation_rate=sum(violations) / len(violations),
-                    mean_latency_ms=sum(lat) / len(lat),
-                )
-            )
-    return rows
-
-
-def format_sweep(rows: list[SweepRow]) -> str:
-    """A plain-text table: one line per budget, accuracy / violation per policy."""
-    policies = list(dict.fromkeys(r.policy for r in rows))
-    budgets = sorted({r.budget_ms for r in rows})
-    by = {(r.policy, r.budget_ms): r for r in rows}
-    head = f"{'budget ms':>10} | " + " | ".join(f"{p[:24]:>24}" for p in policies)
-    lines = [head, "-" * len(head)]
-    for b in budgets:
-        cells = [f"acc {by[p, b].accuracy:.3f} viol {by[p, b].violation_rate:.2f}" for p in policies]
-        lines.append(f"{b:>10.1f} | " + " | ".join(f"{c:>24}" for c in cells))
-    means = [sum(by[p, b].accuracy for b in budgets) / len(budgets) for p in policies]
-    lines.append(f"{'mean acc':>10} | " + " | ".join(f"{m:>24.3f}" for m in means))
-    return "\n".join(lines)
 
 
 @dataclass

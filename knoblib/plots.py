@@ -22,7 +22,6 @@ dataclasses), draws one new figure, does no I/O and returns the ``matplotlib.fig
 | :func:`plot_stage1_distribution` | how Stage 1's choice probabilities move with the budget |
 | :func:`plot_budget_encoding` | heatmaps of sinusoidal budget features across the budget range |
 | :func:`plot_similarity_matrix` | a labelled square matrix (e.g. cosine similarity of question features) |
-| :func:`plot_sweep` | accuracy and violation rate vs budget per policy |
 | :func:`plot_plane` | every policy on the accuracy / mean-latency plane, with intervals |
 | :func:`plot_versus_baseline` (+ :func:`versus_baseline`, :func:`format_versus_baseline`, :func:`verdict`) | each controller minus the baseline, 95 % intervals |
 | :func:`plot_training_curves` | metrics per training step, runs overlaid |
@@ -73,15 +72,6 @@ def _grid(n: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, np.nda
     for ax in axes[n:]:
         ax.set_visible(False)
     return fig, axes[:n]
-
-
-def _as_dict(row: Any) -> dict:
-    """A sweep row (``SweepRow`` or its dict) as a dict."""
-    if isinstance(row, Mapping):
-        return dict(row)
-    if hasattr(row, "as_dict"):
-        return row.as_dict()
-    raise TypeError(f"expected a SweepRow or a dict, got {type(row).__name__}")
 
 
 def _label(value: float) -> str:
@@ -742,37 +732,6 @@ def plot_similarity_matrix(matrix: Any, labels: Sequence[str], title: str = "cos
 
 
 # --- evaluation and training ----------------------------------------------------------
-def plot_sweep(rows: Sequence[Any]) -> Figure:
-    """Accuracy vs budget and violation rate vs budget, one line per policy (two panels).
-
-    Args:
-        rows: ``knoblib.evaluate.SweepRow`` objects or their dicts (keys ``policy``,
-            ``budget_ms``, ``accuracy``, ``violation_rate``), as in ``data/eval/sweep.json``.
-    """
-    rows = [_as_dict(r) for r in rows]
-    if not rows:
-        raise ValueError("plot_sweep needs at least one row")
-    policies = list(dict.fromkeys(r["policy"] for r in rows))
-    fig, (ax_acc, ax_vio) = plt.subplots(1, 2, figsize=(11, 4))
-    markers = "osD^v<>"
-    for i, policy in enumerate(policies):
-        pr = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget_ms"])
-        b = [r["budget_ms"] for r in pr]
-        style = {"marker": markers[i % len(markers)], "ms": 4, "label": policy}
-        ax_acc.plot(b, [100 * r["accuracy"] for r in pr], **style)
-        ax_vio.plot(b, [100 * r["violation_rate"] for r in pr], **style)
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("accuracy vs budget")
-    ax_vio.set_ylabel("budget violations (%)")
-    ax_vio.set_title("violation rate vs budget")
-    for ax in (ax_acc, ax_vio):
-        ax.set_xlabel("latency budget (ms)")
-        ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 PLANE_STYLES = {
     "lookup table": {"color": "black", "ls": "--", "marker": "s"},
     "static hull (random mix)": {"color": "black", "ls": "--", "marker": "s"},

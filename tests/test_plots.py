@@ -13,7 +13,6 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from knoblib import plots  # noqa: E402
 from knoblib.data import FAMILIES, generate_split  # noqa: E402
-from knoblib.evaluate import SweepRow  # noqa: E402
 from knoblib.knobs import KnobConfig, KnobSpace  # noqa: E402
 from knoblib.latency import LatencyTable  # noqa: E402
 
@@ -162,16 +161,6 @@ def test_plot_budget_encoding_and_similarity():
 def test_every_family_has_its_color():
     # A family without an entry would be drawn in matplotlib's default cycle, unlike the legend elsewhere.
     assert set(FAMILIES) | {"all"} == set(plots.FAMILY_COLORS)
-
-
-def test_plot_sweep_accepts_rows_and_dicts():
-    rows = [
-        SweepRow(policy, b, acc, 0.9, vio, 0.9 * b)
-        for policy, acc, vio in (("lookup table", 0.7, 0.0), ("controller (Mode B)", 0.75, 0.05))
-        for b in (20.0, 40.0, 60.0)
-    ]
-    assert isinstance(plots.plot_sweep(rows), Figure)
-    assert isinstance(plots.plot_sweep([r.as_dict() for r in rows]), Figure)
 
 
 def test_plot_training_curves():
