@@ -36,6 +36,7 @@ dataclasses), draws one new figure, does no I/O and returns the ``matplotlib.fig
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -760,7 +761,10 @@ def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",), errorbars:
         raise ValueError("plot_plane needs at least one point")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     static = plane.get("static", [])
-    cycle = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    # More controllers than the colour cycle holds (the variants, the budget-only ablation) reuse
+    # its colours with another marker.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = ((palette[i % len(palette)], "osD^v"[(i // len(palette)) % 5]) for i in itertools.count())
     colors: dict[str, str] = {}
     for ax, kind, title in (
         (axes[0], "budget", "per-request budget: one point per budget"),
@@ -775,8 +779,8 @@ def plot_plane(plane: Mapping, skip: Sequence[str] = ("full model",), errorbars:
             pts = sorted((p for p in points if p["policy"] == policy and p["kind"] == kind), key=lambda p: p["x"])
             style = dict(PLANE_STYLES.get(policy, {}))
             if "color" not in style:
-                style["color"] = colors.setdefault(policy, next(cycle))
-                style.setdefault("marker", "o")
+                style["color"], marker = colors.setdefault(policy, next(cycle))
+                style.setdefault("marker", marker)
                 style["lw"] = 2
             (line,) = ax.plot([p["mean_latency_ms"] for p in pts], [100 * p["accuracy"] for p in pts], ms=4, label=policy,
                               **style)

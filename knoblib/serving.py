@@ -138,6 +138,11 @@ class Answer:
 def decision_cost(policy) -> callable:
     """What ``policy`` runs outside the VLM for one request, as ``f(question, budget_ms)`` (for timing)."""
     if isinstance(policy, ControllerPolicy):
+        if getattr(policy.controller.config, "vision_stats", False):
+            # The vision-aware Mode B also runs the vision tower on the chosen tier's crops:
+            # time it on a blank image of the served shape (the work does not depend on the pixels).
+            blank = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+            return lambda question, budget_ms: policy.decide(question, budget_ms, image=blank)
         return lambda question, budget_ms: policy.decide(question, budget_ms)
     return lambda question, budget_ms: policy.choose_one(budget_ms)
 

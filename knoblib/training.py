@@ -302,6 +302,12 @@ def evaluate_command(args) -> None:
         samples = random.Random(args.seed).sample(samples, min(args.n or 200, len(samples)))
         # One controller per kind is served (the first folder of each; other seeds are for the plane).
         served = list({policy.name: policy for policy in reversed(policies)}.values())[::-1]
+        if args.controllers is None:
+            # The shipped kinds (Mode A, Mode B, the budget-only ablation); the variants' serving
+            # is timed by `evaluate --variants`, and serving them here too would double the run.
+            from .variants import is_variant
+
+            served = [p for p in served if not (isinstance(p, ControllerPolicy) and is_variant(p.controller))]
         rows = measured_sweep(vlm, served, samples, table, budgets, seed=args.seed)
         print(format_measured(rows))
         payload = {

@@ -68,6 +68,13 @@ def controller_kind(controller: TwoStageController) -> str:
     return kind
 
 
+def is_variant(controller: TwoStageController) -> bool:
+    """Whether a controller is one of the variants beyond Mode A and Mode B (vision-aware, distilled, hybrid)."""
+    config = controller.config
+    # A hybrid served one way is a view with a plain config: ``hybrid_view`` marks it.
+    return bool(config.vision_stats or config.hybrid or config.distilled_from or getattr(controller, "hybrid_view", None))
+
+
 def controller_name(controller: TwoStageController) -> str:
     """The name a controller's points and rows carry: ``controller (Mode B)``, ``controller (hybrid as A)``, ...
 
