@@ -177,3 +177,26 @@ def outputs(run):
 def figures(outputs):
     """How many figures (PNG outputs) the module's executed notebook kept."""
     return sum("image/png" in out.get("data", {}) for out in outputs)
+
+
+@pytest.fixture(scope="module")
+def table(tiny_vlm):
+    """A hand-built latency table over the tiny VLM's space: work-proportional numbers, so the
+    tests that use it (GRPO, devices, variants) do not depend on timing. A module may define its own."""
+    from knoblib.latency import LatencyTable
+
+    space = tiny_vlm.knob_space
+    tier_cost = {"low": 10.0, "medium": 20.0, "high": 35.0}
+    latency = {
+        k: tier_cost[k.tier] + 4.0 * k.num_active_blocks + 2.0 * k.top_k * (space.num_layers - k.insertion_position)
+        for k in space
+    }
+    return LatencyTable(latency_ms=latency, knob_space=space.as_dict())
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """24 seeded training-like requests (a module may define its own)."""
+    from knoblib.data import generate_split
+
+    return generate_split(24, seed=123)

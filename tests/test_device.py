@@ -21,10 +21,9 @@ from torch.overrides import TorchFunctionMode
 
 import knoblib
 from knoblib.controller import ControllerConfig, ModeADecider, TwoStageController
-from knoblib.data import generate_split
 from knoblib.features import LanguageFeatureExtractor
 from knoblib.grpo import GRPOConfig, JointGRPOTrainer, run_controller
-from knoblib.latency import BudgetSampler, LatencyTable
+from knoblib.latency import BudgetSampler
 from knoblib.training import make_trainer
 
 PACKAGE_DIR = Path(knoblib.__file__).resolve().parent
@@ -60,23 +59,6 @@ class DeviceRecorder(TorchFunctionMode):
                     name = getattr(func, "__name__", str(func))
                     self.undeviced[f"{path.name}:{frame.f_lineno} ({frame.f_code.co_name}) {name}"] += 1
         return func(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def table(tiny_vlm):
-    """Work-proportional latencies (as in test_grpo), so nothing depends on timing."""
-    space = tiny_vlm.knob_space
-    tier_cost = {"low": 10.0, "medium": 20.0, "high": 35.0}
-    latency = {
-        k: tier_cost[k.tier] + 4.0 * k.num_active_blocks + 2.0 * k.top_k * (space.num_layers - k.insertion_position)
-        for k in space
-    }
-    return LatencyTable(latency_ms=latency, knob_space=space.as_dict())
-
-
-@pytest.fixture(scope="module")
-def pool():
-    return generate_split(24, seed=123)
 
 
 def mixed_knobs(space, n=4):

@@ -9,26 +9,7 @@ import torch
 
 from knoblib.controller import ControllerConfig, TwoStageController
 from knoblib.grpo import GRPOConfig, JointGRPOTrainer, group_advantages, grpo_loss, run_controller
-from knoblib.latency import BudgetSampler, LatencyTable
-
-
-@pytest.fixture(scope="module")
-def table(tiny_vlm):
-    """A hand-built latency table: work-proportional numbers, so tests do not depend on timing."""
-    space = tiny_vlm.knob_space
-    tier_cost = {"low": 10.0, "medium": 20.0, "high": 35.0}
-    latency = {
-        k: tier_cost[k.tier] + 4.0 * k.num_active_blocks + 2.0 * k.top_k * (space.num_layers - k.insertion_position)
-        for k in space
-    }
-    return LatencyTable(latency_ms=latency, knob_space=space.as_dict())
-
-
-@pytest.fixture(scope="module")
-def pool():
-    from knoblib.data import generate_split
-
-    return generate_split(24, seed=123)
+from knoblib.latency import BudgetSampler
 
 
 def make_trainer(tiny_vlm, table, pool, **overrides):

@@ -23,7 +23,7 @@ from knoblib.distill import (
 from knoblib.grpo import GRPOConfig, JointGRPOTrainer, run_controller
 from knoblib.guard import open_mask
 from knoblib.knobs import KnobSpace
-from knoblib.latency import BudgetSampler, LatencyTable
+from knoblib.latency import BudgetSampler
 
 SPACE = KnobSpace.for_model(8, 4)
 LANG_DIM, LATENCY_DIM = 12, 20
@@ -416,24 +416,6 @@ def test_check_teacher_refuses_what_cannot_teach():
 
 
 # --- on the tiny VLM ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def table(tiny_vlm):
-    space = tiny_vlm.knob_space
-    tier_cost = {"low": 10.0, "medium": 20.0, "high": 35.0}
-    latency = {
-        k: tier_cost[k.tier] + 4.0 * k.num_active_blocks + 2.0 * k.top_k * (space.num_layers - k.insertion_position)
-        for k in space
-    }
-    return LatencyTable(latency_ms=latency, knob_space=space.as_dict())
-
-
-@pytest.fixture(scope="module")
-def pool():
-    from knoblib.data import generate_split
-
-    return generate_split(24, seed=123)
-
-
 def make_trainer(vlm, table, pool, teacher=None, **overrides):
     cfg = GRPOConfig(**{"steps": 4, "batch_size": 2, "val_every": 0, "val_size": 4, "seed": 0, **overrides})
     config = ControllerConfig.for_vlm(
