@@ -235,6 +235,7 @@ def test_verdicts_follow_the_intervals():
     assert plots.verdict([0.02, 0.01, 0.03]) == "better"
     assert plots.verdict([-0.02, -0.03, -0.01]) == "worse"
     assert plots.verdict([0.01, -0.005, 0.03]) == "tie"
+    assert plots.verdict([-1e-16, -2e-16, -1e-17]) == "tie"  # the same configuration: rounding noise is no difference
     rows = plots.versus_baseline(_plane())
     assert len(rows) == 4 and {r["baseline"] for r in rows} == {"lookup table", "static hull (random mix)"}
     by = {(r["kind"], r["x"]): r for r in rows}
