@@ -173,6 +173,20 @@ def test_the_monitor_follows_a_machine_that_slows_down(tiny_vlm, served):
         LatencyMonitor(table, 0.95, window=5, min_samples=10)
 
 
+def test_the_server_reads_drift_at_p90_and_the_guard_at_its_own_quantile(tiny_vlm, served):
+    """The p99 of 200 requests is their second largest: the monitor reads p90 where the table keeps it."""
+    from knoblib.evaluate import FullModelPolicy
+    from knoblib.serving import MONITOR_QUANTILE, Server
+
+    factors = {0.5: 1.0, 0.9: 1.05, 0.99: 1.15}
+    table = LatencyTable(latency_ms=served.table.latency_ms, knob_space=served.table.knob_space, quantile_factors=factors)
+    server = Server(tiny_vlm, FullModelPolicy(tiny_vlm.knob_space), table, quantile=0.99, reserve_ms=0.0)
+    assert MONITOR_QUANTILE == 0.9 and server.monitor.quantile == 0.9 and server.quantile == 0.99
+    no_p90 = LatencyTable(latency_ms=served.table.latency_ms, knob_space=served.table.knob_space,
+                          quantile_factors={0.5: 1.0, 0.99: 1.15})
+    assert Server(tiny_vlm, FullModelPolicy(tiny_vlm.knob_space), no_p90, quantile=0.99, reserve_ms=0.0).monitor.quantile == 0.99
+
+
 def test_a_slower_machine_gets_cheaper_configurations(tiny_vlm, served, samples):
     """The server scales each budget by the monitor's slowdown before the policy reads the table."""
     from knoblib.evaluate import LookupTablePolicy

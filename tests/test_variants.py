@@ -291,6 +291,15 @@ def test_hybrid_views_share_one_stage1_and_serve_each_head():
         controller.served_as("C")
 
 
+def test_is_variant_names_every_variant_and_no_plain_controller():
+    """``evaluate --measured`` serves the plain kinds only; the variants' serving is timed by --variants."""
+    from knoblib.variants import is_variant
+
+    assert not is_variant(make_controller()) and not is_variant(make_controller("A"))
+    assert is_variant(make_controller(vision_stats=True)) and is_variant(make_controller(distilled_from="data/controller_A"))
+    assert all(is_variant(view) for view in (hybrid(), hybrid().served_as("A"), hybrid().served_as("B")))
+
+
 def test_hybrid_log_probs_on_fixed_logits_each_way():
     controller = hybrid()
     lang, token, _ = features(3)
