@@ -63,8 +63,10 @@ def test_measured_rows_are_structured(results):
     for r in rows:
         assert r["n"] >= 1 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["violation_rate"] <= 1.0
         assert r["mean_latency_ms"] > 0 and r["table_mean_latency_ms"] > 0
-        # Read at the guard's p99, the table never breaks a budget the fastest configuration meets.
-        assert r["table_violation_rate"] == 0.0
+        # Read at the guard's p99, the table never breaks a budget the fastest configuration meets
+        # (the full model, which ignores the budget, is there to show what breaking looks like).
+        if r["policy"] != "full model":
+            assert r["table_violation_rate"] == 0.0
 
 
 def test_quality_three_seeds_of_each_controller(results):
