@@ -676,22 +676,9 @@ class TwoStageController(PreTrainedModel):
                 space.max_insertion_position,
                 config.hidden_act,
             )
-            self.stage2 = Knob2Knob3Predictor(
-                use_optimized_mode=config.mode == "B",
-                lang_dim=config.lang_dim,
-                budget_dim=config.budget_dim,
-                latency_dim=config.latency_dim,
-                hidden_dim=config.hidden_dim,
-                max_insertion_position=space.max_insertion_position,
-                top_k_options=space.top_k_options,
-                block_options={p: space.block_options(p) for p in space.insertion_positions},
-                hidden_act=config.hidden_act,
-                vision_dim=2 * config.lang_dim if config.vision_stats else 0,
-            )
-            if config.hybrid:
-                # The hybrid's second Stage 2: Mode A, on the latency token (``served_as("A")``).
-                self.stage2_a = Knob2Knob3Predictor(
-                    use_optimized_mode=False,
+            def stage2_head(mode_b: bool, vision_dim: int = 0) -> Knob2Knob3Predictor:
+                return Knob2Knob3Predictor(
+                    use_optimized_mode=mode_b,
                     lang_dim=config.lang_dim,
                     budget_dim=config.budget_dim,
                     latency_dim=config.latency_dim,
@@ -700,7 +687,13 @@ class TwoStageController(PreTrainedModel):
                     top_k_options=space.top_k_options,
                     block_options={p: space.block_options(p) for p in space.insertion_positions},
                     hidden_act=config.hidden_act,
+                    vision_dim=vision_dim,
                 )
+
+            self.stage2 = stage2_head(config.mode == "B", 2 * config.lang_dim if config.vision_stats else 0)
+            if config.hybrid:
+                # The hybrid's second Stage 2: Mode A, on the latency token (``served_as("A")``).
+                self.stage2_a = stage2_head(False)
             self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
