@@ -414,7 +414,10 @@ def measured_sweep(
         raise ValueError("samples is empty: evaluate at least one request")
     budgets = check_budgets(list(budgets)).tolist()
     images = [s.image() for s in samples]
-    servers = [Server(vlm, policy, table) for policy in policies]
+    # One machine, one estimate of its drift: every server reads the same monitor, fed by
+    # all of their requests (knoblib.serving.Server explains why).
+    monitor = Server.new_monitor(table)
+    servers = [Server(vlm, policy, table, monitor=monitor) for policy in policies]
     for server in servers:
         server.warm_up(images, [s.question for s in samples], warmup)
     rng = random.Random(seed)

@@ -147,11 +147,19 @@ def decision_cost(policy) -> callable:
     return lambda question, budget_ms: policy.choose_one(budget_ms)
 
 
-def measure_reserve(policy, questions: Sequence[str], budgets_ms: Sequence[float], repeats: int = 3, quantile: float = 0.95) -> float:
-    """The ``quantile`` of the time (ms) ``policy`` takes to decide, over questions x budgets x repeats.
+def measure_reserve(
+    policy, questions: Sequence[str], budgets_ms: Sequence[float], repeats: int = 10, quantile: float = 0.5
+) -> float:
+    """The ``quantile`` (the median by default) of the time (ms) ``policy`` takes to decide,
+    over questions x budgets x repeats.
 
     That much of every budget is reserved for the decision, so the configuration chosen
-    is checked against what is left.
+    is checked against what is left. Why the median and not a tail: the guard already
+    holds the VLM's work to its p99, and the decision's spread (hundredths of a ms) is
+    tiny beside the VLM's (ms), so the sum's tail is the VLM's tail plus the typical
+    decision. A tail of a few dozen decisions is instead their largest, which one
+    preemption of the process inflates tenfold (4.7 ms against a 0.44 ms median on a busy
+    machine here) and which then costs every request of the server a tier.
     """
     run = decision_cost(policy)
     run(questions[0], budgets_ms[0])  # warm-up: first calls allocate
@@ -235,7 +243,12 @@ class Server:
         table: this machine's latency table.
         quantile: the guard's quantile (the policy's own, for a policy that has one).
         reserve_ms: None measures it now (``measure_reserve``).
-        monitor: follow the machine's drift (default True).
+        monitor: follow the machine's drift (default True); or a ``LatencyMonitor`` to
+            share: servers that compare policies on one machine should read one estimate
+            of its drift (``evaluate --measured`` and ``benchmarks/bench_serving.py`` do).
+            Two monitors fed different requests disagree by their sampling noise (about
+            2 % at p90 of 200 requests), which is enough to move one policy across a
+            configuration's threshold and not the other.
     """
 
     def __init__(
@@ -245,22 +258,35 @@ class Server:
         table: LatencyTable,
         quantile: float = DEFAULT_QUANTILE,
         reserve_ms: float | None = None,
-        monitor: bool = True,
+        monitor: "bool | LatencyMonitor" = True,
     ) -> None:
         self.vlm, self.policy, self.table = vlm, policy, table
         self.quantile = float(getattr(policy, "quantile", quantile))
         self.full = FullModelPolicy(vlm.knob_space)
         self.full_ms = table.latency(vlm.knob_space.full(), self.quantile)
         if reserve_ms is None:
-            questions = ["what color is the shape ?", "how many red shapes are there ?"]
-            reserve_ms = measure_reserve(policy, questions, [0.75 * table.reference_ms, table.reference_ms])
+            questions = [
+                "what color is the shape ?", "how many red shapes are there ?",
+                "what is the number of blue shapes ?", "which mark is in the picture ?",
+            ]
+            budgets = [0.65 * table.reference_ms, 0.8 * table.reference_ms, table.reference_ms]
+            reserve_ms = measure_reserve(policy, questions, budgets)
         self.reserve_ms = float(reserve_ms)
         # The monitor reads the machine's drift at p90, not at the guard's p99: the p99 of its
         # 200 recent requests is their second largest, so one hiccup of the machine moved the
         # budgets of the next 200 requests (two servers on the same machine read 1.25x and 1.32x).
         # The guard still holds each configuration to the table's p99, scaled by this drift.
-        tail = MONITOR_QUANTILE if MONITOR_QUANTILE in table.quantiles else self.quantile
-        self.monitor = LatencyMonitor(table, tail) if monitor else None
+        if isinstance(monitor, LatencyMonitor):
+            if monitor.table is not table:
+                raise ValueError("a shared LatencyMonitor must follow the same latency table as the server")
+            self.monitor = monitor
+        else:
+            self.monitor = self.new_monitor(table, self.quantile) if monitor else None
+
+    @staticmethod
+    def new_monitor(table: LatencyTable, quantile: float = DEFAULT_QUANTILE) -> LatencyMonitor:
+        """A monitor as a server makes it: at ``MONITOR_QUANTILE`` when ``table`` keeps it, else ``quantile``."""
+        return LatencyMonitor(table, MONITOR_QUANTILE if MONITOR_QUANTILE in table.quantiles else quantile)
 
     @property
     def name(self) -> str:

@@ -204,6 +204,48 @@ def test_a_slower_machine_gets_cheaper_configurations(tiny_vlm, served, samples)
     assert table.min_ms < table.latency(slowed) <= budget / 1.2
 
 
+def test_servers_that_compare_policies_share_one_drift_estimate(tiny_vlm, served):
+    """The machine's drift is the machine's: a shared monitor gives every server the same budgets."""
+    from knoblib.evaluate import FullModelPolicy, LookupTablePolicy
+    from knoblib.serving import LatencyMonitor, Server
+
+    table = served.table
+    monitor = Server.new_monitor(table)
+    accuracy = {k: {"all": table.latency(k)} for k in table.configs}
+    a = Server(tiny_vlm, LookupTablePolicy(table, accuracy), table, reserve_ms=0.0, monitor=monitor)
+    b = Server(tiny_vlm, FullModelPolicy(tiny_vlm.knob_space), table, reserve_ms=0.0, monitor=monitor)
+    assert a.monitor is b.monitor is monitor
+    for _ in range(50):  # requests served by a alone move b's budgets too
+        a.monitor.observe(table.fastest(), 1.3 * table.latency(table.fastest()))
+    budget = 0.9 * table.reference_ms
+    assert a.budget_for_table(budget) == b.budget_for_table(budget) == pytest.approx(budget / monitor.slowdown)
+    assert monitor.slowdown > 1.0
+    other = LatencyTable(latency_ms=dict(table.latency_ms), knob_space=table.knob_space)
+    with pytest.raises(ValueError, match="same latency table"):
+        Server(tiny_vlm, FullModelPolicy(tiny_vlm.knob_space), other, reserve_ms=0.0, monitor=LatencyMonitor(table))
+
+
+def test_the_reserve_is_the_typical_decision_not_one_preemption(monkeypatch):
+    """A fake clock: 59 decisions of 0.4 ms and one of 5 ms (the process was preempted) reserve 0.4 ms."""
+    from knoblib import serving
+
+    durations = iter([0.4] + [0.4] * 30 + [5.0] + [0.4] * 29)  # the warm-up call, then 60 timed decisions
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    class Policy:  # a static policy: decision_cost times choose_one
+        def choose_one(self, budget_ms):
+            now[0] += next(durations) / 1000.0
+
+    monkeypatch.setattr(serving.time, "perf_counter", clock)
+    policy = Policy()
+    monkeypatch.setattr(serving, "decision_cost", lambda p: lambda q, b: p.choose_one(b))
+    reserve = serving.measure_reserve(policy, ["q1", "q2", "q3"], [10.0, 20.0], repeats=10)
+    assert reserve == pytest.approx(0.4)
+
+
 # --- a target mean latency instead of a per-request budget ------------------------------------
 def test_serving_at_a_target_mean_latency(tiny_vlm, served, samples, monkeypatch):
     from knoblib import assets
