@@ -41,7 +41,10 @@ test-fast: $(STAMP)
 # the artifacts describe one machine; serving calibrates to the user's (knoblib.calibration).
 ARTIFACT_ENV = KNOBLIB_LATENCY_TABLE=shipped
 PRICE    = --max-price 8 --average-fraction 0.5 --saving-bonus 0.01
-TRAIN_B  = $(ARTIFACT_ENV) $(BIN)/python -m knoblib train --mode B $(PRICE) --warm-start-teacher correctness --warm-start-steps 3000 --warm-start-entropy 0.01 --kl-coef 0.05 --steps 250 --overwrite
+# Mode B and its budget-only ablation: warm start on the critic's best configuration (knoblib.critic), saving bonus 0.03.
+TRAIN_B  = $(ARTIFACT_ENV) $(BIN)/python -m knoblib train --mode B $(PRICE) --saving-bonus 0.03 --warm-start-teacher critic --warm-start-steps 3000 --warm-start-entropy 0.01 --kl-coef 0.05 --steps 250 --overwrite
+# The vision-aware B and the hybrid were trained with the expected-reward fit (--warm-start-teacher correctness).
+TRAIN_BV = $(ARTIFACT_ENV) $(BIN)/python -m knoblib train --mode B $(PRICE) --warm-start-teacher correctness --warm-start-steps 3000 --warm-start-entropy 0.01 --kl-coef 0.05 --steps 250 --overwrite
 TRAIN_A  = $(ARTIFACT_ENV) $(BIN)/python -m knoblib train --mode A-resumable $(PRICE) --steps 1500 --overwrite
 artifacts: $(STAMP)
 	$(BIN)/python -m knoblib data --out data/vqa --tokenizer-out data/tokenizer --overwrite
@@ -60,9 +63,9 @@ artifacts: $(STAMP)
 	  $(TRAIN_B) --seed $$seed --no-question --out runs/B_budget_only_seed$$seed --export data/controller_B_budget_only$$suffix; \
 	  $(TRAIN_A) --seed $$seed --out runs/A_seed$$seed --export data/controller_A$$suffix; \
 	done
-	$(TRAIN_B) --vision-stats --out runs/B_vision --export data/controller_B_vision
+	$(TRAIN_BV) --vision-stats --out runs/B_vision --export data/controller_B_vision
 	$(ARTIFACT_ENV) $(BIN)/python -m knoblib train --mode B $(PRICE) --distill-from data/controller_A --distill-steps 500 --distill-coef 0.1 --kl-coef 0.05 --steps 250 --out runs/B_distilled --export data/controller_B_distilled --overwrite
-	$(TRAIN_B) --hybrid --distill-steps 500 --distill-coef 0.1 --out runs/hybrid --export data/controller_hybrid
+	$(TRAIN_BV) --hybrid --distill-steps 500 --distill-coef 0.1 --out runs/hybrid --export data/controller_hybrid
 	$(ARTIFACT_ENV) $(BIN)/python -m knoblib evaluate --out data/eval --overwrite
 	$(ARTIFACT_ENV) $(BIN)/python -m knoblib evaluate --measured --out data/eval --overwrite
 	$(ARTIFACT_ENV) $(BIN)/python -m knoblib evaluate --variants --out data/eval --overwrite

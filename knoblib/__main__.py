@@ -456,14 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warm-start-teacher",
         default=None,
-        choices=["correctness", "oracle", "table", "family-table"],  # knoblib.grpo.WARM_START_TEACHERS
-        help="what the warm start fits: the expected reward from per-sample correctness (default), the per-question "
-        "oracle, the lookup table, or the per-family table (see GRPOConfig.warm_start_teacher)",
+        choices=["correctness", "critic", "oracle", "table", "family-table"],  # knoblib.grpo.WARM_START_TEACHERS
+        help="what the warm start fits: the expected reward from per-sample correctness (default), the best "
+        "configuration under a critic fitted to that correctness, the per-question oracle, the lookup table, or the "
+        "per-family table (see GRPOConfig.warm_start_teacher)",
     )
     p.add_argument(
         "--correctness",
         default=None,
-        help="per-sample correctness of training questions for the correctness/oracle warm start "
+        help="per-sample correctness of training questions for the correctness/critic/oracle warm start "
         "(default: data/correctness_train.safetensors; make it with `correctness --split train`)",
     )
     p.add_argument(

@@ -50,7 +50,7 @@ from .vlm import KnobVLM
 
 MODES = ("A-naive", "A-resumable", "B")
 SCALE_REWARDS = ("group", "batch", "none")
-WARM_START_TEACHERS = ("correctness", "oracle", "table", "family-table")
+WARM_START_TEACHERS = ("correctness", "critic", "oracle", "table", "family-table")
 CHECKPOINT_FORMAT = "knoblib-grpo-checkpoint"
 # On resume, ``steps`` may change freely (it only says where training stops); the warm
 # start acts only when a run starts, so changing its settings on resume would record
@@ -121,7 +121,9 @@ class GRPOConfig:
         warm_start_teacher: what it fits, all from measured accuracies:
             ``correctness`` (the default): the expected reward of every configuration on
             training questions, from their per-sample correctness
-            (``JointGRPOTrainer.fit_to_correctness``); ``oracle``: clone, per training
+            (``JointGRPOTrainer.fit_to_correctness``); ``critic``: the same requests, each
+            labelled with its best fitting configuration under a critic fitted to that
+            correctness (``knoblib.critic``), learned by cross-entropy; ``oracle``: clone, per training
             question and budget, the cheapest configuration that answers it right within
             the budget (``oracle_teacher``); ``table``: the static lookup table;
             ``family-table``: the most accurate configuration for the request's family
@@ -823,6 +825,7 @@ class JointGRPOTrainer:
         lr: float = 1e-3,
         entropy_coef: float = 0.0,
         seed: int | None = None,
+        critic: bool = False,
     ) -> list[float]:
         """Warm start from per-sample correctness: maximise the expected reward over every configuration.
 
@@ -848,10 +851,20 @@ class JointGRPOTrainer:
         requests the policy settled on one mid-priced configuration for every budget and
         price (docs/findings.md).
 
+        With ``critic=True`` (``--warm-start-teacher critic``) the same requests are labelled
+        instead: a ``knoblib.critic.CorrectnessCritic`` fitted to the same correctness table
+        predicts how likely each configuration is to answer the question, and the label is
+        the fitting configuration of the highest expected reward under those predictions;
+        the controller maximises the log-probability of the label (cross-entropy). The
+        expected-reward gradient of a configuration is its probability times its reward
+        gap, which vanishes where configurations differ by a few points (the highest
+        budgets) and the policy stays spread over them; a label's does not
+        (docs/findings.md). Returns the negative expected reward (under the critic, with a
+        critic) of the controller's policy per step.
+
         Mode B only (Mode A's Stage 2 needs a latency token from a VLM forward per question,
         budget and p). Uses its own seeded generators, resets Adam afterwards and, with
-        ``kl_coef > 0``, makes the fitted controller the KL reference. Returns the
-        negative expected reward per step.
+        ``kl_coef > 0``, makes the fitted controller the KL reference.
         """
         from .guard import open_mask
 
@@ -895,6 +908,14 @@ class JointGRPOTrainer:
         seed = self.cfg.seed + 2 if seed is None else seed
         rng = random.Random(seed)
         generator = torch.Generator().manual_seed(seed)
+        judge = None
+        if critic:
+            from .critic import CorrectnessCritic
+
+            questions = [by_uid[correctness.uids[r]].question for r in rows]
+            with torch.no_grad():
+                lang_all = torch.cat([self.language(questions[i : i + 512]) for i in range(0, len(questions), 512)])
+            judge = CorrectnessCritic.fit(lang_all, correctness.correct[rows][:, columns], seed=seed)
         optimizer = torch.optim.Adam(self.controller.parameters(), lr=lr)
         shape = (len(space.tiers), len(space.insertion_positions), len(space.top_k_options), len(space.all_block_options))
         valid = torch.zeros(shape, dtype=torch.bool)
@@ -905,7 +926,9 @@ class JointGRPOTrainer:
             picked = rng.sample(rows, min(batch_size, len(rows)))
             n = len(picked)
             budgets, prices = self.request_conditions(n, generator)
-            correct = correctness.correct[picked][:, columns].float()  # (n, C)
+            lang = self.language([by_uid[correctness.uids[r]].question for r in picked])
+            # The critic's predicted correctness, or each question's measured one.
+            correct = judge.predict(lang) if judge is not None else correctness.correct[picked][:, columns].float()  # (n, C)
             reward, _ = compute_reward(
                 correct.reshape(-1),
                 latency.repeat(n),
@@ -917,7 +940,6 @@ class JointGRPOTrainer:
             mask = (self.guard.mask(budgets) if self.guard is not None else open_mask(space, n)) & valid
             reward_grid = torch.zeros(n, *shape)
             reward_grid[(slice(None), *index)] = reward.view(n, -1)
-            lang = self.language([by_uid[correctness.uids[r]].question for r in picked])
             budget_feat = self.controller.encode_budget(self.table.relative(budgets), self._price(prices))
             log_prob = self.controller.joint_log_probs(
                 lang, budget_feat, mask, None if vision is None else vision[picked]
@@ -925,7 +947,12 @@ class JointGRPOTrainer:
             prob = log_prob.exp()
             expected = (prob * reward_grid).flatten(1).sum(1)
             entropy = -(prob * log_prob.masked_fill(~torch.isfinite(log_prob), 0.0)).flatten(1).sum(1)
-            loss = -expected.mean() - entropy_coef * entropy.mean()
+            if judge is not None:
+                # Cross-entropy to the best fitting configuration under the critic.
+                label = reward_grid.masked_fill(~mask, -math.inf).flatten(1).argmax(1, keepdim=True)
+                loss = -log_prob.flatten(1).gather(1, label).mean() - entropy_coef * entropy.mean()
+            else:
+                loss = -expected.mean() - entropy_coef * entropy.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.cfg.max_grad_norm)

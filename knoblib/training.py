@@ -195,7 +195,7 @@ def train_controller_command(args) -> None:
     else:
         cfg = with_options(GRPOConfig(mode=args.mode), args)
     correctness = None
-    if cfg.warm_start_steps and cfg.warm_start_teacher in ("correctness", "oracle"):
+    if cfg.warm_start_steps and cfg.warm_start_teacher in ("correctness", "critic", "oracle"):
         from .correctness import Correctness
 
         correctness = Correctness.load(args.correctness or data_path("correctness_train.safetensors"))
@@ -214,11 +214,15 @@ def train_controller_command(args) -> None:
                     shutil.rmtree(entry)
                 elif entry.exists():
                     entry.unlink()
-        if cfg.warm_start_steps and cfg.warm_start_teacher == "correctness":
-            losses = trainer.fit_to_correctness(correctness, cfg.warm_start_steps, entropy_coef=cfg.warm_start_entropy)
+        if cfg.warm_start_steps and cfg.warm_start_teacher in ("correctness", "critic"):
+            critic = cfg.warm_start_teacher == "critic"
+            losses = trainer.fit_to_correctness(
+                correctness, cfg.warm_start_steps, entropy_coef=cfg.warm_start_entropy, critic=critic
+            )
             print(
-                f"warm start: {cfg.warm_start_steps} steps fitting the expected reward of every configuration on "
-                f"{len(correctness)} training questions, reward {-losses[0]:.3f} -> {-losses[-1]:.3f}"
+                f"warm start: {cfg.warm_start_steps} steps fitting "
+                + ("the critic's best configuration" if critic else "the expected reward of every configuration")
+                + f" on {len(correctness)} training questions, reward {-losses[0]:.3f} -> {-losses[-1]:.3f}"
             )
         elif cfg.warm_start_steps:
             teacher = (

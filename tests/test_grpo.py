@@ -235,3 +235,39 @@ def test_fit_to_correctness_raises_the_expected_reward(tiny_vlm, table, pool):
         trainer.fit_to_correctness(table_c, steps=1)
     with pytest.raises(ValueError, match="Mode-B"):
         make_trainer(tiny_vlm, table, pool, mode="A-resumable").fit_to_correctness(table_c, steps=1)
+
+
+def test_fit_to_the_critic_labels_the_best_fitting_configuration(tiny_vlm, table, pool):
+    """The critic teacher: the controller learns the configuration the critic ranks best among those that fit."""
+    from knoblib.correctness import Correctness
+
+    trainer = make_trainer(tiny_vlm, table, pool, mode="B", average_fraction=0.5, max_price=2.0)
+    space = trainer.space
+    configs = list(space)
+    correct = torch.tensor([[k.tier == "high" for k in configs]] * 16)
+    table_c = Correctness(correct, [s.uid for s in pool[:16]], [s.family for s in pool[:16]], configs, "train")
+    losses = trainer.fit_to_correctness(table_c, steps=80, batch_size=16, entropy_coef=0.0, critic=True)
+    assert losses[-1] < losses[0] - 0.1  # the expected reward under the critic rose
+    lang = trainer.language([pool[0].question])
+    budget = torch.tensor([table.max_ms], dtype=torch.float64)
+    feat = trainer.controller.encode_budget(table.relative(budget), torch.zeros(1))
+    tier, _ = trainer.controller.sample_stage1(lang, feat, trainer.guard.mask(budget), greedy=True)
+    assert space.tiers[int(tier)] == "high"
+
+
+def test_the_critic_learns_which_questions_each_configuration_answers():
+    from knoblib.critic import CorrectnessCritic
+
+    generator = torch.Generator().manual_seed(0)
+    lang = torch.randn(400, 16, generator=generator)
+    group = lang[:, 0] > 0  # configuration 0 answers one kind of question, configuration 1 the other
+    correct = torch.stack([group, ~group, torch.ones_like(group)], dim=1)
+    critic = CorrectnessCritic.fit(lang, correct, steps=300, batch_size=64, seed=0)
+    predicted = critic.predict(lang)
+    assert predicted.shape == (400, 3)
+    assert float(((predicted[:, 0] > 0.5) == group).float().mean()) > 0.95
+    assert float(predicted[:, 2].min()) > 0.9
+    again = CorrectnessCritic.fit(lang, correct, steps=300, batch_size=64, seed=0).predict(lang)
+    assert torch.equal(predicted, again)  # seeded
+    with pytest.raises(ValueError, match="must be"):
+        CorrectnessCritic.fit(lang, correct[:10])
